@@ -1,0 +1,1 @@
+"""Per-architecture patch specs, imported as tlshim.patches.<model_type>."""

@@ -1,0 +1,1 @@
+"""Llama: the general path."""

@@ -1,0 +1,1 @@
+"""Mistral: the Llama layout (sliding windows come in through the mask the model builds)."""

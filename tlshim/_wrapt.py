@@ -1,0 +1,14 @@
+"""Every use of wrapt in tlshim lives here (wrapt 2.0 renamed the proxy base)."""
+
+import wrapt
+
+ObjectProxy = getattr(wrapt, "BaseObjectProxy", None) or wrapt.ObjectProxy
+
+
+def wrap_callable(wrapped, wrapper):
+    """A wrapt FunctionWrapper: ``wrapper(wrapped, instance, args, kwargs)`` runs instead of ``wrapped``."""
+    return wrapt.FunctionWrapper(wrapped, wrapper)
+
+
+def is_wrapper(obj) -> bool:
+    return isinstance(obj, wrapt.FunctionWrapper)

@@ -1,0 +1,191 @@
+"""The TransformerLens API on an installed model: run_with_cache, run_with_hooks, hooks(), add_hook, ...
+
+``ModelAPI`` is the mixin of the model's per-instance subclass; everything it needs lives in the
+model's ``_tlshim`` state entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .activation_cache import ActivationCache
+from .errors import unknown_hook_name
+
+
+def _stack(blocks, part, name):
+    tensors = [getattr(getattr(block, part), name) for block in blocks]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"model.{name} cannot be stacked: its shape differs between layers ({sorted(shapes)}); "
+            f"use the per-layer form model.blocks[i].{part}.{name}"
+        )
+    return torch.stack(tensors)
+
+
+def _stacked(part, name):
+    return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
+
+
+class ModelAPI:
+    @property
+    def hook_dict(self) -> dict:
+        return self._tlshim.hook_dict
+
+    @property
+    def cfg(self):
+        return self._tlshim.cfg
+
+    @property
+    def tokenizer(self):
+        return self._tlshim.tokenizer
+
+    W_Q, W_K, W_V, W_O = (_stacked("attn", n) for n in ("W_Q", "W_K", "W_V", "W_O"))
+    b_Q, b_K, b_V, b_O = (_stacked("attn", n) for n in ("b_Q", "b_K", "b_V", "b_O"))
+    W_in, W_gate, W_out = (_stacked("mlp", n) for n in ("W_in", "W_gate", "W_out"))
+    b_in, b_out = (_stacked("mlp", n) for n in ("b_in", "b_out"))
+
+    @property
+    def W_E(self):
+        return self.embed.W_E
+
+    @property
+    def W_U(self):
+        return self.unembed.W_U
+
+    @property
+    def b_U(self):
+        return self.unembed.b_U
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _points(self, name_or_filter):
+        hook_dict = self._tlshim.hook_dict
+        if isinstance(name_or_filter, str):
+            if name_or_filter not in hook_dict:
+                raise unknown_hook_name(name_or_filter, hook_dict)
+            return [hook_dict[name_or_filter]]
+        if callable(name_or_filter):
+            return [point for name, point in hook_dict.items() if name_or_filter(name)]
+        return [point for name in name_or_filter for point in self._points(name)]
+
+    def add_hook(self, name_or_filter, hook, dir="fwd", is_permanent=False, prepend=False):
+        """Add ``hook(tensor, hook)`` to one name, a list of names, or every name a filter accepts.
+
+        >>> model.add_hook("blocks.0.hook_resid_post", lambda t, hook: t * 0)
+        """
+        points = self._points(name_or_filter)
+        for point in points:
+            point.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+        return [(point, hook, dir) for point in points]
+
+    def reset_hooks(self, clear_contexts=True, direction="both", including_permanent=False):
+        for point in self._tlshim.hook_dict.values():
+            point.remove_hooks(direction, including_permanent=including_permanent)
+            if clear_contexts:
+                point.clear_context()
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
+        """Hooks active inside a ``with`` block, for any forward or ``generate`` run in it.
+
+        >>> with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", show)]):
+        ...     model.generate(ids, max_new_tokens=5)
+        """
+        added = []
+        try:
+            for name, fn in fwd_hooks:
+                added += self.add_hook(name, fn, dir="fwd")
+            for name, fn in bwd_hooks:
+                added += self.add_hook(name, fn, dir="bwd")
+            yield self
+        finally:
+            if reset_hooks_end:
+                for point, fn, dir in reversed(added):
+                    point.remove_hook(fn, dir)
+                    if clear_contexts:
+                        point.clear_context()
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _forward(self, input, hf_kwargs):
+        if isinstance(input, (str, list)) and (isinstance(input, str) or isinstance(input[0], str)):
+            input = self.to_tokens(input)
+        return self(input_ids=input, **hf_kwargs)
+
+    def run_with_hooks(self, input, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False, **hf_kwargs):
+        """Run the HF forward with hooks active; returns the logits.
+
+        >>> logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", ablate)])
+        """
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self._forward(input, hf_kwargs).logits
+
+    def run_with_cache(self, input, names_filter=None, device=None, remove_batch_dim=False, incl_bwd=False, **hf_kwargs):
+        """Run the HF forward and keep the activations named by ``names_filter`` (all by default).
+
+        Cached tensors are the activations themselves, detached (attached with ``incl_bwd=True``,
+        which backpropagates the HF loss, so pass ``labels=``, and adds ``<name>_grad`` entries).
+
+        >>> logits, cache = model.run_with_cache("a b c a b", names_filter=lambda n: "pattern" in n)
+        >>> cache["pattern", 0].shape
+        """
+        if names_filter is None:
+            names = list(self._tlshim.hook_dict)
+        elif isinstance(names_filter, str):
+            names = [names_filter]
+        elif callable(names_filter):
+            names = [name for name in self._tlshim.hook_dict if names_filter(name)]
+        else:
+            names = list(names_filter)
+        store: dict = {}
+
+        def keep(key, keep_graph):
+            def save(tensor, hook):
+                value = tensor if keep_graph else tensor.detach()
+                store[key(hook.name)] = value if device is None else value.to(device)
+
+            return save
+
+        fwd = [(name, keep(str, incl_bwd)) for name in names]
+        bwd = [(name, keep(lambda n: n + "_grad", False)) for name in names] if incl_bwd else []
+        with self.hooks(fwd, bwd):
+            out = self._forward(input, hf_kwargs)
+            if incl_bwd:
+                if getattr(out, "loss", None) is None:
+                    raise ValueError("run_with_cache(incl_bwd=True) backpropagates the HF loss: pass labels=...")
+                out.loss.backward()
+        cache = ActivationCache(store, self)
+        if remove_batch_dim:
+            cache.remove_batch_dim()
+        return out.logits, cache
+
+    # -- tokens ----------------------------------------------------------------------------------
+
+    def _tokenizer_or_raise(self):
+        if self._tlshim.tokenizer is None:
+            raise ValueError("this model was installed without a tokenizer: tlshim.install(model, tokenizer=tok)")
+        return self._tlshim.tokenizer
+
+    def to_tokens(self, input, padding_side=None, move_to_device=True):
+        """Token ids of a string or list of strings, as the tokenizer makes them (BOS as it adds it)."""
+        tokenizer = self._tokenizer_or_raise()
+        kwargs = {"padding_side": padding_side} if padding_side else {}
+        tokens = tokenizer(input if isinstance(input, list) else [input], return_tensors="pt", padding=True, **kwargs)["input_ids"]
+        return tokens.to(self.device) if move_to_device else tokens
+
+    def to_string(self, tokens):
+        tokenizer = self._tokenizer_or_raise()
+        if torch.is_tensor(tokens) and tokens.dim() > 1:
+            return tokenizer.batch_decode(tokens)
+        return tokenizer.decode(tokens)
+
+    def to_str_tokens(self, input):
+        tokenizer = self._tokenizer_or_raise()
+        if isinstance(input, str):
+            input = self.to_tokens(input)[0]
+        if torch.is_tensor(input):
+            input = input.squeeze(0).tolist() if input.dim() > 1 else input.tolist()
+        return [tokenizer.decode([token]) for token in input]

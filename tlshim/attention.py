@@ -1,0 +1,153 @@
+"""The attention-internal hook points: rot_q, rot_k, attn_scores and pattern.
+
+The model keeps its own attention module. Only while one of these points is hooked does its module
+see, for that one forward, a config proxy whose ``_attn_implementation`` names tlshim's attention
+function in transformers' attention registry. That function fires rot_q/rot_k and, when scores or
+pattern are hooked, computes attention eagerly (the one piece tlshim computes itself); otherwise it
+calls the model's own kernel. With a KV cache, rot_k fires as the new keys enter the cache, so an
+edit is what gets cached.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ._wrapt import ObjectProxy
+from .sites import Site
+
+KERNEL_NAME = "tlshim"
+
+
+class _KernelConfig(ObjectProxy):
+    """The model's config, except that it routes attention to tlshim's function for one forward."""
+
+    def __init__(self, config, site):
+        super().__init__(config)
+        self._self_site = site
+
+    @property
+    def _attn_implementation(self):
+        return KERNEL_NAME
+
+
+class _KeyHookCache(ObjectProxy):
+    """The KV cache passed to one attention call, firing rot_k on the new keys before they are stored."""
+
+    def __init__(self, cache, site):
+        super().__init__(cache)
+        self._self_site = site
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        site = self._self_site
+        key_states = site.fire_heads(site.rot_k, key_states)
+        site.rot_k_done = True
+        return self.__wrapped__.update(key_states, value_states, *args, **kwargs)
+
+
+class AttnSite(Site):
+    """The attention module: hook_attn_out on its output and the switch into tlshim's kernel."""
+
+    def __init__(self, module, path, rot_q, rot_k, scores, pattern):
+        super().__init__(module, path)
+        self.rot_q, self.rot_k, self.scores, self.pattern = rot_q, rot_k, scores, pattern
+        self.rot_k_done = False
+        self.native_kernel = None
+
+    def kernel_needed(self) -> bool:
+        return self.rot_q.active or self.rot_k.active or self.scores.active or self.pattern.active
+
+    def call(self, wrapped, args, kwargs):
+        if not self.kernel_needed():
+            return wrapped(*args, **kwargs)
+        entries = self.module.__dict__
+        config = entries["config"]
+        self.native_kernel = native_attention_function(self.module, config)
+        self.rot_k_done = False
+        if self.rot_k.active:
+            for cache_arg in ("past_key_values", "past_key_value"):
+                if kwargs.get(cache_arg) is not None:
+                    kwargs = {**kwargs, cache_arg: _KeyHookCache(kwargs[cache_arg], self)}
+        entries["config"] = _KernelConfig(config, self)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            entries["config"] = config
+
+    @staticmethod
+    def fire_heads(point, states):
+        """Fire a (batch, heads, pos, d_head) tensor as (batch, pos, heads, d_head)."""
+        if not point.active:
+            return states
+        return point.fire(states.transpose(1, 2)).transpose(1, 2)
+
+
+def native_attention_function(module, config):
+    """The kernel the model itself would use for ``module`` under ``config``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = config._attn_implementation
+    if impl in (None, "eager"):
+        return importlib.import_module(type(module).__module__).eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def register_kernel():
+    """Add tlshim's attention function to transformers' registry (idempotent, changes no model)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if KERNEL_NAME in ALL_ATTENTION_FUNCTIONS:
+        return
+    register = getattr(type(ALL_ATTENTION_FUNCTIONS), "register", None)
+    if register is not None:
+        register(KERNEL_NAME, tlshim_attention)
+    else:
+        ALL_ATTENTION_FUNCTIONS[KERNEL_NAME] = tlshim_attention
+
+
+def tlshim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    site = module.config._self_site
+    query = site.fire_heads(site.rot_q, query)
+    if site.rot_k.active and not site.rot_k_done:
+        key = site.fire_heads(site.rot_k, key)
+    if not (site.scores.active or site.pattern.active):
+        return site.native_kernel(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    return eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """Scaled dot-product attention with hook_attn_scores and hook_pattern, in the ops HF's eager uses."""
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = _apply_mask(module, scores, attention_mask, kwargs.get("is_causal"))
+    scores = site.scores.fire(scores)
+    pattern = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = site.pattern.fire(pattern)
+    weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, pattern
+
+
+def _apply_mask(module, scores, mask, is_causal):
+    n_query, n_key = scores.shape[-2:]
+    if mask is None:
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        if not causal or n_query == 1:
+            return scores
+        query_pos = torch.arange(n_key - n_query, n_key, device=scores.device)[:, None]
+        mask = query_pos >= torch.arange(n_key, device=scores.device)[None, :]
+    mask = mask[..., :n_key]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask

@@ -1,0 +1,78 @@
+"""install / uninstall / is_installed: the reversible injection of TransformerLens names into a live model."""
+
+from __future__ import annotations
+
+import warnings
+
+from .api import ModelAPI
+from .attention import register_kernel
+from .journal import DictEntry, apply_all, undo_all
+from .layout import plan_install
+from .registry import spec_for
+from .subclass import patched_class
+from .journal import ClassSwap
+from .tl_config import TLConfig
+
+STATE = "_tlshim"
+
+
+class InstallState:
+    """What tlshim keeps on an installed model (its one ``__dict__`` entry besides hook points and aliases)."""
+
+    def __init__(self, spec, hook_dict, cfg, tokenizer, records):
+        self.spec, self.hook_dict, self.cfg, self.tokenizer = spec, hook_dict, cfg, tokenizer
+        self.records = records
+
+
+def is_installed(model) -> bool:
+    """True when tlshim is installed on ``model``."""
+    return STATE in vars(model)
+
+
+def install(model, tokenizer=None, **options):
+    """Give a HuggingFace causal LM TransformerLens hook points, aliases and API, in place.
+
+    Returns the same model object. All or nothing: on any failure the model is left as it was.
+
+    >>> model = tlshim.install(AutoModelForCausalLM.from_pretrained(path), tokenizer=tok)
+    >>> logits, cache = model.run_with_cache(tokens)
+    """
+    if is_installed(model):
+        warnings.warn("tlshim is already installed on this model; nothing changed", stacklevel=2)
+        return model
+    spec = spec_for(model)
+    plan = plan_install(model, spec)
+    records = [record for step in spec.prepare for record in step(model, spec, options)]
+    records += plan.entries + plan.swaps
+    records.append(ClassSwap(model, patched_class(type(model), ModelAPI, spec), "model"))
+    cfg = _tl_config(model, spec, tokenizer)
+    state = InstallState(spec, plan.hook_dict, cfg, tokenizer, records)
+    records.append(DictEntry(model, STATE, state, "model"))
+    register_kernel()
+    apply_all(records)
+    return model
+
+
+def uninstall(model):
+    """Remove everything tlshim added, last change first; the model is then exactly as before install."""
+    if not is_installed(model):
+        warnings.warn("tlshim is not installed on this model; nothing to uninstall", stacklevel=2)
+        return model
+    state = vars(model)[STATE]
+    for point in state.hook_dict.values():
+        point.remove_hooks("both", including_permanent=True)
+    undo_all(state.records)
+    return model
+
+
+def _tl_config(model, spec, tokenizer):
+    fields = spec.tl_config(model)
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return TLConfig(
+        **fields,
+        original_architecture=architectures[0],
+        model_name=getattr(config, "_name_or_path", "") or "",
+        tokenizer_name=getattr(tokenizer, "name_or_path", None),
+        _model_ref=model,
+    )

@@ -1,0 +1,166 @@
+"""Plan an install: resolve every module a spec names and build hook points, sites and journal records.
+
+Nothing here touches the model; ``install`` applies the records afterwards, all or nothing.
+"""
+
+from __future__ import annotations
+
+from .attention import AttnSite
+from .hook_points import HookPoint
+from .journal import ClassSwap, DictEntry
+from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, Site
+from .spec import get_path
+from .subclass import patched_class
+from .weights import AttnWeights, EmbedWeights, MlpWeights, NormWeights, UnembedWeights
+
+
+class Plan:
+    def __init__(self, model, spec):
+        self.model, self.spec = model, spec
+        self.hook_dict: dict[str, HookPoint] = {}
+        self.sites: dict[str, Site] = {}
+        self.entries: list = []
+        self.swaps: list = []
+        self._swapped: set = set()
+
+    def module(self, path):
+        try:
+            return get_path(self.model, path)
+        except AttributeError as err:
+            raise AttributeError(f"the {self.spec_name()} spec expects a module at {path!r}: {err}") from None
+
+    def spec_name(self):
+        return getattr(self.model.config, "model_type", type(self.model).__name__)
+
+    def site(self, path, cls=Site, *args):
+        if path not in self.sites:
+            self.sites[path] = cls(self.module(path), path, *args)
+        return self.sites[path]
+
+    def point(self, name, owner, attr, *sites):
+        point = HookPoint(name, sites)
+        self.hook_dict[name] = point
+        self.entries.append(DictEntry(owner, attr, point, where=name.rsplit(".", 1)[0] or "model"))
+        return point
+
+    def alias(self, owner, attr, target, where):
+        current = vars(owner).get(attr, getattr(type(owner), attr, None))
+        if current is target:
+            return
+        if attr in owner._modules and owner._modules[attr] is target:
+            return
+        self.entries.append(DictEntry(owner, attr, target, where=where))
+
+    def swap(self, module, mixin, where):
+        if id(module) in self._swapped:
+            return
+        self._swapped.add(id(module))
+        self.swaps.append(ClassSwap(module, patched_class(type(module), mixin, self.spec), where))
+
+
+def plan_install(model, spec) -> Plan:
+    plan = Plan(model, spec)
+    layers = plan.module(spec.layers)
+    first_layer = f"{spec.layers}.0"
+
+    embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed)
+    embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
+    (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
+
+    for i in range(len(layers)):
+        _plan_layer(plan, i)
+
+    final = plan.site(spec.final_norm, NormSite, spec.norm, None)
+    final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", final)
+    final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
+
+    plan.alias(model, "blocks", layers, "model")
+    plan.alias(model, "embed", plan.module(spec.embed), "model")
+    plan.alias(model, "unembed", plan.module(spec.unembed), "model")
+    plan.alias(model, "ln_final", final.module, "model")
+    plan.swap(plan.module(spec.embed), EmbedWeights, "embed")
+    plan.swap(plan.module(spec.unembed), UnembedWeights, "unembed")
+    plan.swap(final.module, NormWeights, "ln_final")
+    return plan
+
+
+def _plan_layer(plan: Plan, i: int):
+    spec = plan.spec
+    base = f"{spec.layers}.{i}"
+    block = f"blocks.{i}"
+    rel = lambda path: f"{base}.{path}"  # noqa: E731
+    layer_site = plan.site(base, LayerSite)
+    layer = layer_site.module
+    attn = plan.module(rel(spec.attn))
+    mlp = plan.module(rel(spec.mlp))
+    n_heads, n_kv, _ = spec.head_counts(attn, getattr(attn, "config", None))
+
+    layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
+
+    ln1 = plan.site(rel(spec.ln1), NormSite, spec.norm, None)
+    ln1.scale_point = plan.point(f"{block}.ln1.hook_scale", ln1.module, "hook_scale", ln1)
+    ln1.out_points.append((plan.point(f"{block}.ln1.hook_normalized", ln1.module, "hook_normalized", ln1), None))
+
+    for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv)):
+        site = plan.site(rel(f"{spec.attn}.{getattr(spec, role + '_proj')}"))
+        site.out_points.append((plan.point(f"{block}.attn.hook_{role}", attn, f"hook_{role}", site), n))
+    for role, n in (("q", n_heads), ("k", n_kv)):
+        norm_path = getattr(spec, f"{role}_norm")
+        if norm_path:
+            site = plan.site(rel(f"{spec.attn}.{norm_path}"))
+            site.out_points.append((plan.point(f"{block}.attn.hook_{role}_normed", attn, f"hook_{role}_normed", site), n))
+
+    attn_site = plan.site(rel(spec.attn), AttnSite, None, None, None, None)
+    for name in ("rot_q", "rot_k", "attn_scores", "pattern"):
+        setattr(attn_site, {"attn_scores": "scores"}.get(name, name), plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", attn_site))
+
+    o_path = rel(f"{spec.attn}.{spec.o_proj}")
+    o_site = plan.site(o_path, OutProjSite, None, n_heads, _OutWeights(spec, attn))
+    o_site.in_points.append((plan.point(f"{block}.attn.hook_z", attn, "hook_z", o_site), n_heads))
+    o_site.result_point = plan.point(f"{block}.attn.hook_result", attn, "hook_result", o_site)
+
+    attn_out_site = plan.site(rel(spec.attn_out))
+    attn_out_site.out_points.append((plan.point(f"{block}.hook_attn_out", layer, "hook_attn_out", attn_out_site), None))
+
+    mlp_out_site = plan.site(rel(spec.mlp_out), MlpOutSite, layer_site)
+    ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
+    mid = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
+    ln2.in_points.append((mid, None))
+    ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
+    ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
+
+    mlp_path = rel(spec.mlp)
+    if spec.gate_proj:
+        gate = plan.site(f"{mlp_path}.{spec.gate_proj}")
+        gate.out_points.append((plan.point(f"{block}.mlp.hook_pre", mlp, "hook_pre", gate), None))
+        up = plan.site(f"{mlp_path}.{spec.up_proj}")
+        up.out_points.append((plan.point(f"{block}.mlp.hook_pre_linear", mlp, "hook_pre_linear", up), None))
+    else:
+        up = plan.site(f"{mlp_path}.{spec.up_proj}")
+        up.out_points.append((plan.point(f"{block}.mlp.hook_pre", mlp, "hook_pre", up), None))
+    down = plan.site(f"{mlp_path}.{spec.down_proj}")
+    down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
+
+    mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
+    layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
+
+    aliases = {"attn": attn, "mlp": mlp, "ln1": ln1.module, "ln2": ln2.module}
+    for name in ("ln1_post", "ln2_post"):
+        if getattr(spec, name):
+            aliases[name] = plan.module(rel(getattr(spec, name)))
+    for name, target in aliases.items():
+        plan.alias(layer, name, target, block)
+        if name.startswith("ln"):
+            plan.swap(target, NormWeights, f"{block}.{name}")
+    plan.swap(attn, AttnWeights, f"{block}.attn")
+    plan.swap(mlp, MlpWeights, f"{block}.mlp")
+
+
+class _OutWeights:
+    """The live (weight, bias) of one attention's output projection, read at each call."""
+
+    def __init__(self, spec, attn):
+        self.spec, self.attn = spec, attn
+
+    def __call__(self):
+        return self.spec.weights(self.attn, "o")

@@ -1,0 +1,88 @@
+"""Which architectures tlshim supports, and which spec applies to the installed transformers version.
+
+Each architecture is a folder ``patches/<model_type>/`` (imported as ``tlshim.patches.<model_type>``)
+whose modules each define one ``SPEC`` with the PEP 440 range of transformers versions it covers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from .errors import UnsupportedModelError, UnsupportedVersionError
+
+#: model_type -> patch package; the one place architectures are registered.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+#: The transformers versions the tox matrix runs (plus the newest release, whatever it is).
+TESTED_VERSIONS = ("4.48.3", "4.53.3", "4.57.6", "5.0.0", "5.12.1", "5.23.0")
+
+
+@functools.cache
+def transformers_version() -> Version:
+    import transformers
+
+    return Version(transformers.__version__)
+
+
+@functools.cache
+def specs_of(model_type: str) -> tuple:
+    """Every (module name, spec) of one architecture's patch package."""
+    package = importlib.import_module(f"tlshim.patches.{model_type}")
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        found.append((module.__name__, module.SPEC))
+    return tuple(found)
+
+
+def spec_in_range(model_type: str, version: Version | None = None):
+    """(module name, spec) whose range holds ``version``, or None."""
+    version = version or transformers_version()
+    for name, spec in specs_of(model_type):
+        if version in SpecifierSet(spec.versions):
+            return name, spec
+    return None
+
+
+def spec_for(model):
+    """The spec to install on ``model``; raises naming what is supported and what to do."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    version = transformers_version()
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"tlshim does not support model_type {model_type!r} ({type(model).__name__}). "
+            f"Supported model types: {', '.join(ARCHITECTURES)} (transformers {version} installed)."
+        )
+    found = spec_in_range(model_type, version)
+    if found is None:
+        ranges = "; ".join(spec.versions for _, spec in specs_of(model_type))
+        raise UnsupportedVersionError(
+            f"tlshim supports {model_type} with transformers {ranges}, but transformers {version} is installed. "
+            f"Install a tested version, e.g. pip install 'transformers=={TESTED_VERSIONS[-1]}'."
+        )
+    return found[1]
+
+
+def supported() -> dict:
+    """The installed torch and transformers versions and, per architecture, which spec applies.
+
+    >>> tlshim.supported()["architectures"]["llama"]["supported"]
+    True
+    """
+    import torch
+
+    version = transformers_version()
+    report = {"torch": torch.__version__, "transformers": str(version), "tested_versions": list(TESTED_VERSIONS), "architectures": {}}
+    for model_type in ARCHITECTURES:
+        found = spec_in_range(model_type, version)
+        report["architectures"][model_type] = {
+            "supported": found is not None,
+            "spec": found[0] if found else None,
+            "ranges": [spec.versions for _, spec in specs_of(model_type)],
+        }
+    return report

@@ -1,0 +1,202 @@
+"""Sites: the HF modules whose forward tlshim wraps, only while one of their hook points holds a hook.
+
+An idle installed model has no wrapper at all, so it runs the model's own forward at native speed.
+A site wraps the instance's ``forward`` through its ``__dict__`` (over an accelerate wrapper if one is
+there) and gives exactly that entry back when its last hook point goes idle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._wrapt import wrap_callable
+from .errors import ConflictError
+
+_MISSING = object()
+
+
+def split_heads(tensor, n_heads):
+    return tensor.view(*tensor.shape[:-1], n_heads, tensor.shape[-1] // n_heads)
+
+
+def fire_points(points, tensor):
+    """Fire each active (HookPoint, n_heads) in turn; n_heads views the last axis as heads."""
+    for point, n_heads in points:
+        if point.active:
+            if n_heads is None:
+                tensor = point.fire(tensor)
+            else:
+                tensor = point.fire(split_heads(tensor, n_heads)).reshape(tensor.shape)
+    return tensor
+
+
+def first_input(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_first_input(args, kwargs, value):
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def first_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def with_first_output(out, value):
+    return (value, *out[1:]) if isinstance(out, tuple) else value
+
+
+class Site:
+    """One module's forward, wrapped while any hook point that needs it is active.
+
+    in_points fire on the module's first input, out_points on its first output, in order.
+    """
+
+    def __init__(self, module, path: str):
+        self.module = module
+        self.path = path
+        self.in_points: list = []
+        self.out_points: list = []
+        self._users = 0
+        self._wrapper = None
+        self._saved = _MISSING
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.path!r}, users={self._users})"
+
+    def acquire(self):
+        if self._users == 0:
+            entries = self.module.__dict__
+            self._saved = entries.get("forward", _MISSING)
+            self._wrapper = wrap_callable(self.module.forward, self)
+            entries["forward"] = self._wrapper
+        self._users += 1
+
+    def release(self):
+        self._users -= 1
+        if self._users == 0:
+            entries = self.module.__dict__
+            if entries.get("forward") is not self._wrapper:
+                raise ConflictError(
+                    f"{self.path}.forward was replaced by something else while tlshim had it wrapped "
+                    f"(found {entries.get('forward')!r}); remove that patch first, then tlshim's hooks"
+                )
+            if self._saved is _MISSING:
+                del entries["forward"]
+            else:
+                entries["forward"] = self._saved
+            self._wrapper, self._saved = None, _MISSING
+
+    @property
+    def wrapped(self) -> bool:
+        return self._users > 0
+
+    def __call__(self, wrapped, instance, args, kwargs):
+        if self.in_points:
+            x = first_input(args, kwargs)
+            x = self.on_input(x)
+            args, kwargs = with_first_input(args, kwargs, x)
+        out = self.call(wrapped, args, kwargs)
+        if self.out_points:
+            out = with_first_output(out, self.on_output(first_output(out)))
+        return out
+
+    def on_input(self, x):
+        return fire_points(self.in_points, x)
+
+    def on_output(self, y):
+        return fire_points(self.out_points, y)
+
+    def call(self, wrapped, args, kwargs):
+        return wrapped(*args, **kwargs)
+
+
+class LayerSite(Site):
+    """A decoder layer: resid_pre on its input, resid_post on its output.
+
+    An edit of resid_mid (fired at the pre-MLP norm's input) must also reach the residual branch the
+    layer adds the MLP output to; the layer's output is then rebuilt as ``edited_mid + mlp_out``,
+    the very addition the layer does, so the result is what the model would have computed.
+    """
+
+    def __init__(self, module, path):
+        super().__init__(module, path)
+        self.mid_override = None
+        self.mlp_out_value = None
+
+    def call(self, wrapped, args, kwargs):
+        self.mid_override = self.mlp_out_value = None
+        out = wrapped(*args, **kwargs)
+        if self.mid_override is not None:
+            out = with_first_output(out, self.mid_override + self.mlp_out_value)
+            self.mid_override = self.mlp_out_value = None
+        return out
+
+
+class MlpOutSite(Site):
+    """The module whose output is hook_mlp_out; hands that value to the layer for a resid_mid edit."""
+
+    def __init__(self, module, path, layer_site):
+        super().__init__(module, path)
+        self.layer_site = layer_site
+
+    def on_output(self, y):
+        y = fire_points(self.out_points, y)
+        if self.layer_site.mid_override is not None:
+            self.layer_site.mlp_out_value = y
+        return y
+
+
+class NormSite(Site):
+    """A norm: hook_scale (the divisor it applies) and hook_normalized (its output).
+
+    The scale is computed only while hooked; an edited scale is applied with the spec's norm formula.
+    On the pre-MLP norm, in_points hold resid_mid and ``layer_site`` receives an edit of it.
+    """
+
+    def __init__(self, module, path, norm, scale_point, layer_site=None):
+        super().__init__(module, path)
+        self.norm = norm
+        self.scale_point = scale_point
+        self.layer_site = layer_site
+
+    def on_input(self, x):
+        edited = fire_points(self.in_points, x)
+        if self.layer_site is not None and edited is not x:
+            self.layer_site.mid_override = edited
+        return edited
+
+    def call(self, wrapped, args, kwargs):
+        if not self.scale_point.active:
+            return wrapped(*args, **kwargs)
+        x = first_input(args, kwargs)
+        scale = self.norm.scale(self.module, x)
+        edited = self.scale_point.fire(scale)
+        if edited is scale:
+            return wrapped(*args, **kwargs)
+        return self.norm.apply(self.module, x, edited)
+
+
+class OutProjSite(Site):
+    """The attention output projection: hook_z on its input, hook_result (per-head outputs) when hooked."""
+
+    def __init__(self, module, path, result_point, n_heads, weight_fn):
+        super().__init__(module, path)
+        self.result_point = result_point
+        self.n_heads = n_heads
+        self.weight_fn = weight_fn
+
+    def call(self, wrapped, args, kwargs):
+        if not self.result_point.active:
+            return wrapped(*args, **kwargs)
+        z = split_heads(first_input(args, kwargs), self.n_heads)
+        weight, bias = self.weight_fn()
+        w_o = weight.T.reshape(self.n_heads, -1, weight.shape[0])
+        result = torch.einsum("...he,hed->...hd", z, w_o)
+        edited = self.result_point.fire(result)
+        if edited is result:
+            return wrapped(*args, **kwargs)
+        out = edited.sum(-2)
+        return out if bias is None else out + bias

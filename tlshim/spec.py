@@ -1,0 +1,99 @@
+"""ArchSpec: what tlshim needs to know about one architecture under one range of transformers versions.
+
+Data plus a few small functions, so a new transformers layout is a new spec, not a branch in core code.
+The defaults describe the Llama family, the general path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
+
+from . import norms
+
+
+def get_path(root, path: str):
+    """Resolve a dotted attribute path ("" is the root itself)."""
+    return reduce(getattr, path.split("."), root) if path else root
+
+
+def llama_head_counts(attn, config):
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    return n_heads, n_kv, attn.head_dim
+
+
+def linear_params(spec, attn, role):
+    """(weight, bias) of the q/k/v/o projection of ``attn`` in nn.Linear layout (out, in)."""
+    proj = get_path(attn, getattr(spec, f"{role}_proj"))
+    return proj.weight, proj.bias
+
+
+def llama_family_cfg(model):
+    """TransformerLens config fields of a Llama-family model (Mistral, Qwen2, Qwen3 read the same names)."""
+    config = model.config
+    n_heads = config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    return dict(
+        n_layers=config.num_hidden_layers,
+        d_model=config.hidden_size,
+        n_heads=n_heads,
+        d_head=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+        n_key_value_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        d_mlp=config.intermediate_size,
+        d_vocab=config.vocab_size,
+        d_vocab_out=config.vocab_size,
+        n_ctx=config.max_position_embeddings,
+        act_fn=config.hidden_act,
+        eps=config.rms_norm_eps,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
+        gated_mlp=True,
+        final_rms=True,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        window_size=getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
+    )
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths (dotted, relative to the model or to one decoder layer) and per-arch functions."""
+
+    versions: str
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    #: where hook_embed fires: the embedding's output, or (scaled after it) the first layer's input
+    embed_hook_on_first_layer: bool = False
+    final_norm: str = "model.norm"
+    unembed: str = "lm_head"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    ln1: str = "input_layernorm"
+    ln2: str = "post_attention_layernorm"
+    ln1_post: str | None = None
+    ln2_post: str | None = None
+    attn_out: str = "self_attn"
+    mlp_out: str = "mlp"
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    q_norm: str | None = None
+    k_norm: str | None = None
+    gate_proj: str | None = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+    norm: norms.Norm = norms.RMS
+    final_logit_softcap_attr: str | None = None
+    head_counts: object = llama_head_counts
+    tl_config: object = llama_family_cfg
+    #: extra install steps of this architecture: fn(model, spec) -> list of journal records
+    prepare: tuple = field(default_factory=tuple)
+
+    def weights(self, attn, role):
+        return linear_params(self, attn, role)
+
+    def mlp_weights(self, mlp, role):
+        proj = get_path(mlp, getattr(self, f"{role}_proj"))
+        return proj.weight, proj.bias

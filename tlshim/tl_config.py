@@ -1,0 +1,56 @@
+"""model.cfg: the TransformerLens config fields, derived from the HF config at install."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TLConfig:
+    """TransformerLens's HookedTransformerConfig field names, with values read from the HF model.
+
+    Per-layer quantities that differ between layers (OpenELM) are lists. ``device`` and ``dtype``
+    follow the live model.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: Any
+    d_head: int
+    d_mlp: Any
+    d_vocab: int
+    n_ctx: int
+    act_fn: str
+    normalization_type: str
+    positional_embedding_type: str
+    n_key_value_heads: Any = None
+    d_vocab_out: int = -1
+    eps: float = 1e-5
+    rotary_base: float | None = None
+    rotary_layers: list | None = None
+    gated_mlp: bool = True
+    final_rms: bool = True
+    tie_word_embeddings: bool = False
+    window_size: int | None = None
+    attn_scores_soft_cap: float = -1.0
+    output_logits_soft_cap: float = -1.0
+    original_architecture: str = ""
+    model_name: str = ""
+    tokenizer_name: str | None = None
+    default_prepend_bos: bool = True
+    attn_only: bool = False
+    parallel_attn_mlp: bool = False
+    use_attn_scale: bool = True
+    _model_ref: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def device(self):
+        return next(self._model_ref.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self._model_ref.parameters()).dtype
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
