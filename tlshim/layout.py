@@ -104,11 +104,12 @@ def _plan_layer(plan: Plan, i: int):
     for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv)):
         site = plan.site(rel(f"{spec.attn}.{getattr(spec, role + '_proj')}"))
         site.out_points.append((plan.point(f"{block}.attn.hook_{role}", attn, f"hook_{role}", site), n))
-    for role, n in (("q", n_heads), ("k", n_kv)):
+    for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")
         if norm_path:
             site = plan.site(rel(f"{spec.attn}.{norm_path}"))
-            site.out_points.append((plan.point(f"{block}.attn.hook_{role}_normed", attn, f"hook_{role}_normed", site), n))
+            point = plan.point(f"{block}.attn.hook_{role}_normed", attn, f"hook_{role}_normed", site)
+            site.out_points.append((point, None))  # the per-head norm already sees (..., heads, d_head)
 
     attn_site = plan.site(rel(spec.attn), AttnSite, None, None, None, None)
     for name in ("rot_q", "rot_k", "attn_scores", "pattern"):

@@ -1,0 +1,94 @@
+"""Every catalog name exists, fires with its documented shape, and the HOOKS.md invariants hold bit for bit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tlshim
+from tlshim.catalog import expected_names
+from tlshim.registry import spec_for
+
+from models import LLAMA_FAMILY, build, tokens
+
+ARCHS = list(LLAMA_FAMILY)
+
+
+def shapes(model, batch, pos):
+    cfg = model.cfg
+    d, h, g, e, m, v = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab
+    per_block = {
+        "hook_resid_pre": (batch, pos, d), "ln1.hook_scale": (batch, pos, 1), "ln1.hook_normalized": (batch, pos, d),
+        "attn.hook_q": (batch, pos, h, e), "attn.hook_k": (batch, pos, g, e), "attn.hook_v": (batch, pos, g, e),
+        "attn.hook_q_normed": (batch, pos, h, e), "attn.hook_k_normed": (batch, pos, g, e),
+        "attn.hook_rot_q": (batch, pos, h, e), "attn.hook_rot_k": (batch, pos, g, e),
+        "attn.hook_attn_scores": (batch, h, pos, pos), "attn.hook_pattern": (batch, h, pos, pos),
+        "attn.hook_z": (batch, pos, h, e), "attn.hook_result": (batch, pos, h, d),
+        "hook_attn_out": (batch, pos, d), "hook_resid_mid": (batch, pos, d),
+        "ln2.hook_scale": (batch, pos, 1), "ln2.hook_normalized": (batch, pos, d),
+        "mlp.hook_pre": (batch, pos, m), "mlp.hook_pre_linear": (batch, pos, m), "mlp.hook_post": (batch, pos, m),
+        "hook_mlp_out": (batch, pos, d), "hook_resid_post": (batch, pos, d),
+    }
+    out = {"hook_embed": (batch, pos, d), "ln_final.hook_scale": (batch, pos, 1), "ln_final.hook_normalized": (batch, pos, d)}
+    for i in range(cfg.n_layers):
+        out.update({f"blocks.{i}.{k}": s for k, s in per_block.items()})
+    return out
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_name_exists_fires_with_its_shape(arch, attn):
+    model = tlshim.install(build(arch, attn))
+    assert set(model.hook_dict) == expected_names(spec_for(model), model.cfg.n_layers)
+    ids = tokens(2, 12)
+    _, cache = model.run_with_cache(ids)
+    assert set(cache.keys()) == set(model.hook_dict)
+    expected = shapes(model, 2, 12)
+    for name, value in cache.items():
+        assert tuple(value.shape) == expected[name], name
+
+
+def repeat_kv(x, n_rep):
+    return x.repeat_interleave(n_rep, dim=2)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_invariants_bit_for_bit(arch, attn):
+    model = tlshim.install(build(arch, attn))
+    logits, cache = model.run_with_cache(tokens(2, 12))
+    n = model.cfg.n_layers
+    assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+    for i in range(n):
+        b = f"blocks.{i}"
+        if i + 1 < n:
+            assert torch.equal(cache[f"{b}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"])
+        assert torch.equal(cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
+        assert torch.equal(cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
+        scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
+        assert torch.equal(pattern, torch.softmax(scores, dim=-1, dtype=torch.float32))
+        causal = torch.ones(12, 12, dtype=torch.bool).tril()
+        assert torch.all(pattern[..., ~causal] == 0)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)), rtol=0, atol=1e-6)
+        attn = model.blocks[i].attn
+        n_rep = model.cfg.n_heads // model.cfg.n_key_value_heads
+        v = repeat_kv(cache[f"{b}.attn.hook_v"], n_rep)
+        z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
+        assert torch.equal(cache[f"{b}.attn.hook_z"], z)
+        o_weight = attn.W_O.flatten(0, 1).T
+        assert torch.equal(cache[f"{b}.hook_attn_out"], F.linear(cache[f"{b}.attn.hook_z"].flatten(-2), o_weight))
+        torch.testing.assert_close(cache[f"{b}.attn.hook_result"].sum(-2) + attn.b_O, cache[f"{b}.hook_attn_out"], rtol=1e-5, atol=1e-5)
+        for ln in ("ln1", "ln2"):
+            module = getattr(model.blocks[i], ln)
+            x = cache[f"{b}.hook_resid_pre"] if ln == "ln1" else cache[f"{b}.hook_resid_mid"]
+            scale = cache[f"{b}.{ln}.hook_scale"]
+            torch.testing.assert_close(cache[f"{b}.{ln}.hook_normalized"], module.w * (x / scale), rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits, F.linear(cache["ln_final.hook_normalized"], model.W_U.T))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rotary_changes_q_and_k(arch):
+    model = tlshim.install(build(arch))
+    _, cache = model.run_with_cache(tokens(1, 8))
+    before = "q_normed" if "blocks.0.attn.hook_q_normed" in cache else "q"
+    assert torch.equal(cache["blocks.0.attn.hook_rot_q"][:, 0], cache[f"blocks.0.attn.hook_{before}"][:, 0])
+    assert not torch.allclose(cache["blocks.0.attn.hook_rot_q"][:, 1:], cache[f"blocks.0.attn.hook_{before}"][:, 1:])
