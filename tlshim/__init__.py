@@ -10,6 +10,7 @@ from .activation_cache import ActivationCache
 from .errors import ConflictError, HookNameError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
 from .hook_points import HookPoint
 from .install import install, is_installed, uninstall
+from .recording import record_generation
 from .registry import supported
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "UnsupportedVersionError",
     "install",
     "is_installed",
+    "record_generation",
     "supported",
     "uninstall",
 ]

@@ -113,6 +113,11 @@ class ModelAPI:
     def _forward(self, input, hf_kwargs):
         if isinstance(input, (str, list)) and (isinstance(input, str) or isinstance(input[0], str)):
             input = self.to_tokens(input)
+        mask = hf_kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and hf_kwargs.get("position_ids") is None and hf_kwargs.get("past_key_values") is None:
+            # left padding: number each row's real tokens from 0 (as generate does), so every real
+            # position gets the activations of that sequence run alone
+            hf_kwargs = {**hf_kwargs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
         return self(input_ids=input, **hf_kwargs)
 
     def run_with_hooks(self, input, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False, **hf_kwargs):

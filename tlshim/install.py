@@ -6,11 +6,9 @@ import warnings
 
 from .api import ModelAPI
 from .attention import register_kernel
-from .journal import DictEntry, apply_all, undo_all
+from .journal import ClassSwap, DictEntry, apply_all, undo_all
 from .layout import plan_install
 from .registry import spec_for
-from .subclass import patched_class
-from .journal import ClassSwap
 from .tl_config import TLConfig
 
 STATE = "_tlshim"
@@ -26,13 +24,27 @@ class InstallState:
 
 def is_installed(model) -> bool:
     """True when tlshim is installed on ``model``."""
-    return STATE in vars(model)
+    return STATE in vars(hf_model(model))
+
+
+def hf_model(model):
+    """The HuggingFace model itself: ``model``, or the one a peft wrapper holds (PeftModel -> LoraModel -> model).
+
+    tlshim goes on that model; a peft wrapper forwards unknown attributes to it, so
+    ``peft_model.run_with_cache(...)`` and ``peft_model.hooks(...)`` work once it is installed.
+    """
+    while type(model).__module__.split(".")[0] == "peft":
+        get_base_model = getattr(type(model), "get_base_model", None)
+        model = get_base_model(model) if get_base_model is not None else model.model
+    return model
 
 
 def install(model, tokenizer=None, **options):
     """Give a HuggingFace causal LM TransformerLens hook points, aliases and API, in place.
 
     Returns the same model object. All or nothing: on any failure the model is left as it was.
+    A peft wrapper (``get_peft_model(...)``) is accepted: tlshim goes on the HF model inside it and
+    the wrapper is returned; LoRA layers are hooked where they sit, so hooks see adapted activations.
 
     >>> model = tlshim.install(AutoModelForCausalLM.from_pretrained(path), tokenizer=tok)
     >>> logits, cache = model.run_with_cache(tokens)
@@ -40,17 +52,18 @@ def install(model, tokenizer=None, **options):
     if is_installed(model):
         warnings.warn("tlshim is already installed on this model; nothing changed", stacklevel=2)
         return model
+    given, model = model, hf_model(model)
     spec = spec_for(model)
     plan = plan_install(model, spec)
     records = [record for step in spec.prepare for record in step(model, spec, options)]
     records += plan.entries + plan.swaps
-    records.append(ClassSwap(model, patched_class(type(model), ModelAPI, spec), "model"))
+    records.append(ClassSwap(model, ModelAPI, spec, "model"))
     cfg = _tl_config(model, spec, tokenizer)
     state = InstallState(spec, plan.hook_dict, cfg, tokenizer, records)
     records.append(DictEntry(model, STATE, state, "model"))
     register_kernel()
     apply_all(records)
-    return model
+    return given
 
 
 def uninstall(model):
@@ -58,7 +71,7 @@ def uninstall(model):
     if not is_installed(model):
         warnings.warn("tlshim is not installed on this model; nothing to uninstall", stacklevel=2)
         return model
-    state = vars(model)[STATE]
+    state = vars(hf_model(model))[STATE]
     for point in state.hook_dict.values():
         point.remove_hooks("both", including_permanent=True)
     undo_all(state.records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import ConflictError
+from .subclass import patched_class
 
 
 class DictEntry:
@@ -31,15 +32,15 @@ class DictEntry:
 class ClassSwap:
     """A per-instance subclass carrying TransformerLens properties; undone by restoring the class."""
 
-    def __init__(self, obj, new_cls, where: str):
-        self.obj, self.new_cls, self.where = obj, new_cls, where
+    def __init__(self, obj, mixin, spec, where: str):
+        self.obj, self.mixin, self.spec, self.where = obj, mixin, spec, where
         self.old_cls = type(obj)
 
     def check(self):
         pass
 
     def apply(self):
-        self.obj.__class__ = self.new_cls
+        self.obj.__class__ = patched_class(self.old_cls, self.mixin, self.spec)
 
     def undo(self):
         current = type(self.obj)

@@ -5,12 +5,13 @@ Nothing here touches the model; ``install`` applies the records afterwards, all 
 
 from __future__ import annotations
 
+import functools
+
 from .attention import AttnSite
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
 from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, Site
 from .spec import get_path
-from .subclass import patched_class
 from .weights import AttnWeights, EmbedWeights, MlpWeights, NormWeights, UnembedWeights
 
 
@@ -34,7 +35,8 @@ class Plan:
 
     def site(self, path, cls=Site, *args):
         if path not in self.sites:
-            self.sites[path] = cls(self.module(path), path, *args)
+            site = self.sites[path] = cls(self.module(path), path, *args)
+            site.locate = functools.partial(get_path, self.model, path)
         return self.sites[path]
 
     def point(self, name, owner, attr, *sites):
@@ -55,7 +57,7 @@ class Plan:
         if id(module) in self._swapped:
             return
         self._swapped.add(id(module))
-        self.swaps.append(ClassSwap(module, patched_class(type(module), mixin, self.spec), where))
+        self.swaps.append(ClassSwap(module, mixin, self.spec, where))
 
 
 def plan_install(model, spec) -> Plan:

@@ -21,29 +21,29 @@ def _weight(module):
     return module.weight
 
 
-def _rms_apply(module, x, scale):
-    return module.weight * (x.float() / scale).to(x.dtype)
+def _rms_apply(x, scale, weight, bias):
+    return weight * (x.float() / scale).to(x.dtype)
 
 
 def _offset_weight(module):
     return 1.0 + module.weight
 
 
-def _offset_rms_apply(module, x, scale):
-    return ((x.float() / scale) * (1.0 + module.weight.float())).to(x.dtype)
+def _offset_rms_apply(x, scale, weight, bias):
+    return ((x.float() / scale) * (1.0 + weight.float())).to(x.dtype)
 
 
 def _layer_scale(module, x):
     return (x.float().var(-1, keepdim=True, unbiased=False) + _eps(module)).sqrt()
 
 
-def _layer_apply(module, x, scale):
+def _layer_apply(x, scale, weight, bias):
     dtype, x = x.dtype, x.float()
     out = (x - x.mean(-1, keepdim=True)) / scale
-    if getattr(module, "weight", None) is not None:
-        out = out * module.weight.float()
-    if getattr(module, "bias", None) is not None:
-        out = out + module.bias.float()
+    if weight is not None:
+        out = out * weight.float()
+    if bias is not None:
+        out = out + bias.float()
     return out.to(dtype)
 
 
@@ -56,9 +56,16 @@ class Norm:
     """A norm kind: TransformerLens's normalization_type and the three functions tlshim needs."""
 
     tl_type: str
-    scale: object
-    apply: object
-    effective_weight: object
+    scale: object  # (module, x) -> the divisor, float32 (..., 1)
+    apply_fn: object  # (x, scale, weight, bias) -> the norm's output
+    effective_weight: object  # module -> what the output is multiplied by
+
+    def apply(self, module, x, scale, detach_params=False):
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if detach_params:
+            weight = None if weight is None else weight.detach()
+            bias = None if bias is None else bias.detach()
+        return self.apply_fn(x, scale, weight, bias)
 
 
 RMS = Norm("RMS", _rms_scale, _rms_apply, _weight)

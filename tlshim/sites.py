@@ -66,27 +66,36 @@ class Site:
     def __repr__(self):
         return f"{type(self).__name__}({self.path!r}, users={self._users})"
 
+    #: re-finds the module by path at each first acquire (set by the planner), so a module that
+    #: peft swapped in (a LoRA layer around the original) is the one wrapped and its output is seen
+    locate = None
+
     def acquire(self):
         if self._users == 0:
+            if self.locate is not None:
+                self.module = self.locate()
             entries = self.module.__dict__
-            self._saved = entries.get("forward", _MISSING)
-            self._wrapper = wrap_callable(self.module.forward, self)
-            entries["forward"] = self._wrapper
+            # accelerate's hook calls module._old_forward between loading offloaded weights and
+            # putting them back: wrapping there lets a hook (and hook_result) see the live weights
+            self._slot = "_old_forward" if "_hf_hook" in entries and "_old_forward" in entries else "forward"
+            self._saved = entries.get(self._slot, _MISSING)
+            self._wrapper = wrap_callable(getattr(self.module, self._slot), self)
+            entries[self._slot] = self._wrapper
         self._users += 1
 
     def release(self):
         self._users -= 1
         if self._users == 0:
-            entries = self.module.__dict__
-            if entries.get("forward") is not self._wrapper:
+            entries, slot = self.module.__dict__, self._slot
+            if entries.get(slot) is not self._wrapper:
                 raise ConflictError(
-                    f"{self.path}.forward was replaced by something else while tlshim had it wrapped "
-                    f"(found {entries.get('forward')!r}); remove that patch first, then tlshim's hooks"
+                    f"{self.path}.{slot} was replaced by something else while tlshim had it wrapped "
+                    f"(found {entries.get(slot)!r}); remove that patch first, then tlshim's hooks"
                 )
             if self._saved is _MISSING:
-                del entries["forward"]
+                del entries[slot]
             else:
-                entries["forward"] = self._saved
+                entries[slot] = self._saved
             self._wrapper, self._saved = None, _MISSING
 
     @property
@@ -152,7 +161,8 @@ class MlpOutSite(Site):
 class NormSite(Site):
     """A norm: hook_scale (the divisor it applies) and hook_normalized (its output).
 
-    The scale is computed only while hooked; an edited scale is applied with the spec's norm formula.
+    The scale is computed only while hooked; an edited scale is applied with the spec's norm formula
+    instead of the module's own forward.
     On the pre-MLP norm, in_points hold resid_mid and ``layer_site`` receives an edit of it.
     """
 
@@ -172,11 +182,15 @@ class NormSite(Site):
         if not self.scale_point.active:
             return wrapped(*args, **kwargs)
         x = first_input(args, kwargs)
-        scale = self.norm.scale(self.module, x)
+        grad_link = needs_grad_link(self.scale_point)
+        scale = self.norm.scale(self.module, x.detach() if grad_link else x)
+        if grad_link:
+            scale.requires_grad_()
         edited = self.scale_point.fire(scale)
-        if edited is scale:
-            return wrapped(*args, **kwargs)
-        return self.norm.apply(self.module, x, edited)
+        if edited is not scale:
+            return self.norm.apply(self.module, x, edited)
+        out = wrapped(*args, **kwargs)
+        return with_grad_link(out, self.norm.apply(self.module, x.detach(), scale, detach_params=True)) if grad_link else out
 
 
 class OutProjSite(Site):
@@ -193,10 +207,29 @@ class OutProjSite(Site):
             return wrapped(*args, **kwargs)
         z = split_heads(first_input(args, kwargs), self.n_heads)
         weight, bias = self.weight_fn()
+        grad_link = needs_grad_link(self.result_point)
+        if grad_link:
+            z, weight = z.detach(), weight.detach()
         w_o = weight.T.reshape(self.n_heads, -1, weight.shape[0])
         result = torch.einsum("...he,hed->...hd", z, w_o)
+        if grad_link:
+            result.requires_grad_()
         edited = self.result_point.fire(result)
-        if edited is result:
-            return wrapped(*args, **kwargs)
-        out = edited.sum(-2)
-        return out if bias is None else out + bias
+        if edited is not result:
+            out = edited.sum(-2)
+            return out if bias is None else out + bias
+        out = wrapped(*args, **kwargs)
+        return with_grad_link(out, result.sum(-2)) if grad_link else out
+
+
+def needs_grad_link(point) -> bool:
+    return bool(point.bwd_hooks) and torch.is_grad_enabled()
+
+
+def with_grad_link(native, side):
+    """``native`` unchanged in value (it adds an exact zero), but with ``side``'s graph attached.
+
+    A side value (hook_scale, hook_result) computed from detached inputs is thereby in the graph, so
+    its backward hooks receive dL/d(side), while every other gradient stays exactly the model's own.
+    """
+    return native + (side - side.detach()).to(native.dtype)
