@@ -5,7 +5,7 @@ import torch
 
 import tlshim
 
-from models import LLAMA_FAMILY, build, tokens
+from models import ALL_ARCHS, ATTN_IMPLS, build, tokens
 
 NAMES = [
     "hook_embed",
@@ -23,9 +23,9 @@ NAMES = [
 ]
 
 
-@pytest.mark.parametrize("arch", list(LLAMA_FAMILY))
+@pytest.mark.parametrize("arch", list(ALL_ARCHS))
 def test_backward_hooks_get_autograd_gradients(arch):
-    model = tlshim.install(build(arch, "sdpa", train=True))
+    model = tlshim.install(build(arch, ATTN_IMPLS[arch][-1], train=True))
     ids = tokens()
     acts, grads = {}, {}
     fwd = [(name, lambda t, hook: acts.__setitem__(hook.name, t)) for name in NAMES]
@@ -39,7 +39,7 @@ def test_backward_hooks_get_autograd_gradients(arch):
     assert all(not point.active for point in model.hook_dict.values())
 
 
-@pytest.mark.parametrize("arch", list(LLAMA_FAMILY))
+@pytest.mark.parametrize("arch", list(ALL_ARCHS))
 def test_run_with_cache_incl_bwd_matches_plain_gradients(arch):
     model, twin = tlshim.install(build(arch, train=True)), build(arch, train=True)
     ids = tokens()

@@ -8,9 +8,9 @@ import tlshim
 from tlshim.catalog import expected_names
 from tlshim.registry import spec_for
 
-from models import LLAMA_FAMILY, build, tokens
+from models import ALL_ARCHS, ATTN_IMPLS, build, tokens
 
-ARCHS = list(LLAMA_FAMILY)
+ARCH_ATTN = [(arch, attn) for arch in ALL_ARCHS for attn in ATTN_IMPLS[arch]]
 
 
 def shapes(model, batch, pos):
@@ -34,8 +34,8 @@ def shapes(model, batch, pos):
     return out
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.filterwarnings("ignore:tlshim switched")
+@pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 def test_every_name_exists_fires_with_its_shape(arch, attn):
     model = tlshim.install(build(arch, attn))
     assert set(model.hook_dict) == expected_names(spec_for(model), model.cfg.n_layers)
@@ -51,8 +51,8 @@ def repeat_kv(x, n_rep):
     return x.repeat_interleave(n_rep, dim=2)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.filterwarnings("ignore:tlshim switched")
+@pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 def test_invariants_bit_for_bit(arch, attn):
     model = tlshim.install(build(arch, attn))
     logits, cache = model.run_with_cache(tokens(2, 12))
@@ -67,7 +67,7 @@ def test_invariants_bit_for_bit(arch, attn):
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
         assert torch.equal(pattern, torch.softmax(scores, dim=-1, dtype=torch.float32))
         causal = torch.ones(12, 12, dtype=torch.bool).tril()
-        assert torch.all(pattern[..., ~causal] == 0)
+        assert torch.all(pattern[..., ~causal] == 0) and torch.all(scores[..., ~causal] <= torch.finfo(scores.dtype).min)
         torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)), rtol=0, atol=1e-6)
         attn = model.blocks[i].attn
         n_rep = model.cfg.n_heads // model.cfg.n_key_value_heads
@@ -75,17 +75,34 @@ def test_invariants_bit_for_bit(arch, attn):
         z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
         assert torch.equal(cache[f"{b}.attn.hook_z"], z)
         o_weight = attn.W_O.flatten(0, 1).T
-        assert torch.equal(cache[f"{b}.hook_attn_out"], F.linear(cache[f"{b}.attn.hook_z"].flatten(-2), o_weight))
-        torch.testing.assert_close(cache[f"{b}.attn.hook_result"].sum(-2) + attn.b_O, cache[f"{b}.hook_attn_out"], rtol=1e-5, atol=1e-5)
+        o_out = F.linear(cache[f"{b}.attn.hook_z"].flatten(-2), o_weight)
+        torch.testing.assert_close(cache[f"{b}.attn.hook_result"].sum(-2) + attn.b_O, o_out, rtol=1e-5, atol=1e-5)
+        post_norm = getattr(model.blocks[i], "ln1_post", None)
+        assert torch.equal(cache[f"{b}.hook_attn_out"], post_norm(o_out) if post_norm is not None else o_out)
         for ln in ("ln1", "ln2"):
-            module = getattr(model.blocks[i], ln)
             x = cache[f"{b}.hook_resid_pre"] if ln == "ln1" else cache[f"{b}.hook_resid_mid"]
-            scale = cache[f"{b}.{ln}.hook_scale"]
-            torch.testing.assert_close(cache[f"{b}.{ln}.hook_normalized"], module.w * (x / scale), rtol=1e-6, atol=1e-6)
-    assert torch.equal(logits, F.linear(cache["ln_final.hook_normalized"], model.W_U.T))
+            check_norm(model, getattr(model.blocks[i], ln), x, cache[f"{b}.{ln}.hook_scale"], cache[f"{b}.{ln}.hook_normalized"])
+    check_norm(model, model.ln_final, cache[f"blocks.{n - 1}.hook_resid_post"], cache["ln_final.hook_scale"], cache["ln_final.hook_normalized"])
+    unembedded = F.linear(cache["ln_final.hook_normalized"], model.W_U.T)
+    cap = model.cfg.output_logits_soft_cap
+    assert torch.equal(logits, torch.tanh(unembedded / cap) * cap if cap > 0 else unembedded)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def check_norm(model, module, x, scale, normalized):
+    """hook_scale is the divisor the norm applied (eps included): normalized = w * (x (- mean)) / scale."""
+    assert torch.equal(normalized, module(x))
+    if model.cfg.normalization_type == "LN":
+        want_scale = (x.var(-1, keepdim=True, unbiased=False) + model.cfg.eps).sqrt()
+        x = x - x.mean(-1, keepdim=True)
+    else:
+        eps = module.eps if hasattr(module, "eps") else module.variance_epsilon
+        want_scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    weight = module.w if module.w is not None else 1.0
+    torch.testing.assert_close(normalized, weight * (x / scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in ALL_ARCHS if a != "smollm3"])
 def test_rotary_changes_q_and_k(arch):
     model = tlshim.install(build(arch))
     _, cache = model.run_with_cache(tokens(1, 8))

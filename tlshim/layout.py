@@ -104,7 +104,8 @@ def _plan_layer(plan: Plan, i: int):
     ln1.out_points.append((plan.point(f"{block}.ln1.hook_normalized", ln1.module, "hook_normalized", ln1), None))
 
     for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv)):
-        site = plan.site(rel(f"{spec.attn}.{getattr(spec, role + '_proj')}"))
+        path = rel(f"{spec.attn}.{getattr(spec, role + '_proj')}")
+        site = plan.site(path, spec.qkv_site, plan.model.config) if spec.qkv_site else plan.site(path)
         site.out_points.append((plan.point(f"{block}.attn.hook_{role}", attn, f"hook_{role}", site), n))
     for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")

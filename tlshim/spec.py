@@ -44,8 +44,8 @@ def llama_family_cfg(model):
         d_vocab=config.vocab_size,
         d_vocab_out=config.vocab_size,
         n_ctx=config.max_position_embeddings,
-        act_fn=config.hidden_act,
-        eps=config.rms_norm_eps,
+        act_fn=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None),
+        eps=getattr(config, "rms_norm_eps", 1e-5),
         normalization_type="RMS",
         positional_embedding_type="rotary",
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
@@ -85,7 +85,8 @@ class ArchSpec:
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
     norm: norms.Norm = norms.RMS
-    final_logit_softcap_attr: str | None = None
+    #: Site subclass for the q/k/v projections, built as cls(module, path, config); None = plain Site
+    qkv_site: type | None = None
     head_counts: object = llama_head_counts
     tl_config: object = llama_family_cfg
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records

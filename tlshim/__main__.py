@@ -1,0 +1,26 @@
+"""The ``tlshim`` command: ``tlshim demo`` and ``tlshim doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tlshim", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("doctor", help="installed versions and which architectures are supported here")
+    demo = commands.add_parser("demo", help="find and ablate the induction head of the shipped model")
+    demo.add_argument("--out", default="induction_pattern.png", help="where to write the attention pattern PNG")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "doctor":
+        from . import doctor
+
+        return doctor.main(rest)
+    from . import demo as demo_module
+
+    return demo_module.main(["--out", args.out, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
