@@ -23,7 +23,29 @@ LLAMA_FAMILY = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
 }
-FIRST_VERSION = {"qwen3": Version("4.51")}
+SEED_ARCHS = {
+    # released soft-cap values; a window of 4 makes sliding layers differ from global ones on 12 tokens
+    "gemma2": ("Gemma2Config", dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, sliding_window=4, hidden_activation="gelu_pytorch_tanh",
+    )),
+    # q/k/v weights are scaled at build so that about 18% of q/k/v elements exceed the clip
+    "olmo": ("OlmoConfig", dict(num_key_value_heads=2, clip_qkv=8.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # layer 3 is NoPE
+    "smollm3": ("SmolLM3Config", dict(num_key_value_heads=2, no_rope_layers=[1, 1, 1, 0], tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+}
+ALL_ARCHS = {**LLAMA_FAMILY, **SEED_ARCHS}
+FIRST_VERSION = {"qwen3": Version("4.51"), "smollm3": Version("4.53")}
+#: where each architecture keeps what tests build references from, written out independently of tlshim's specs
+LAYOUT = {arch: dict(ln2="post_attention_layernorm", attn_out="self_attn", mlp_out="mlp") for arch in ALL_ARCHS}
+LAYOUT["gemma2"] = dict(ln2="pre_feedforward_layernorm", attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+#: attention implementations each architecture is built with in the tests (Gemma2: see its patch module)
+ATTN_IMPLS = {arch: ("eager", "sdpa") for arch in ALL_ARCHS}
+if TF_VERSION >= Version("5.21"):
+    ATTN_IMPLS["gemma2"] = ("eager",)
+#: the architectures the drop-in tests (generate, pipeline, padding, accelerate, peft, training) run on;
+#: an architecture joins by being added here once tlshim supports it
+DROPIN_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def require(arch):
@@ -39,7 +61,7 @@ def dtype_kwarg(dtype):
 
 def config_for(arch, attn="eager", **overrides):
     require(arch)
-    class_name, extra = LLAMA_FAMILY[arch]
+    class_name, extra = ALL_ARCHS[arch]
     fields = dict(
         vocab_size=VOCAB,
         hidden_size=D_MODEL,
@@ -52,6 +74,8 @@ def config_for(arch, attn="eager", **overrides):
     )
     fields.update(overrides)
     config = getattr(transformers, class_name)(**fields)
+    if TF_VERSION >= Version("5.21") and arch == "gemma2":
+        attn = "eager"
     config._attn_implementation = attn
     config.architectures = [class_name.replace("Config", "ForCausalLM")]
     return config
@@ -63,7 +87,16 @@ def build(arch="llama", attn="eager", dtype=torch.float32, train=False, seed=0, 
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, **dtype_kwarg(dtype))
     if arch == "qwen2":
         _randomize_biases(model, seed)
+    if arch == "olmo":
+        _scale_qkv(model, 6 / math.sqrt(D_MODEL) / config.initializer_range)
     return model.train(train)
+
+
+def _scale_qkv(model, factor):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.mul_(factor)
 
 
 def _randomize_biases(model, seed):
