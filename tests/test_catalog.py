@@ -40,7 +40,7 @@ def test_every_name_exists_fires_with_its_shape(arch, attn):
     model = tlshim.install(build(arch, attn))
     assert set(model.hook_dict) == expected_names(spec_for(model), model.cfg.n_layers)
     ids = tokens(2, 12)
-    _, cache = model.run_with_cache(ids)
+    _, cache = model.run_with_cache(ids, names_filter=lambda name: True)
     assert set(cache.keys()) == set(model.hook_dict)
     expected = shapes(model, 2, 12)
     for name, value in cache.items():
@@ -55,7 +55,7 @@ def repeat_kv(x, n_rep):
 @pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 def test_invariants_bit_for_bit(arch, attn):
     model = tlshim.install(build(arch, attn))
-    logits, cache = model.run_with_cache(tokens(2, 12))
+    logits, cache = model.run_with_cache(tokens(2, 12), names_filter=lambda name: True)
     n = model.cfg.n_layers
     assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
     for i in range(n):

@@ -129,16 +129,19 @@ class ModelAPI:
             return self._forward(input, hf_kwargs).logits
 
     def run_with_cache(self, input, names_filter=None, device=None, remove_batch_dim=False, incl_bwd=False, **hf_kwargs):
-        """Run the HF forward and keep the activations named by ``names_filter`` (all by default).
+        """Run the HF forward and keep the activations named by ``names_filter``.
 
-        Cached tensors are the activations themselves, detached (attached with ``incl_bwd=True``,
-        which backpropagates the HF loss, so pass ``labels=``, and adds ``<name>_grad`` entries).
+        By default every name except ``hook_result``, which (as in TransformerLens without
+        use_attn_result) is computed only when asked for by name or filter; ``cache.stack_head_results``
+        computes it from hook_z when it is missing. Cached tensors are the activations themselves,
+        detached (attached with ``incl_bwd=True``, which backpropagates the HF loss, so pass
+        ``labels=``, and adds ``<name>_grad`` entries).
 
         >>> logits, cache = model.run_with_cache("a b c a b", names_filter=lambda n: "pattern" in n)
         >>> cache["pattern", 0].shape
         """
         if names_filter is None:
-            names = list(self._tlshim.hook_dict)
+            names = [name for name in self._tlshim.hook_dict if not name.endswith(".hook_result")]
         elif isinstance(names_filter, str):
             names = [names_filter]
         elif callable(names_filter):

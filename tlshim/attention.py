@@ -47,16 +47,21 @@ class _KeyHookCache(ObjectProxy):
 
 
 class AttnSite(Site):
-    """The attention module: hook_attn_out on its output and the switch into tlshim's kernel."""
+    """The attention module: hook_attn_out on its output and the switch into tlshim's kernel.
 
-    def __init__(self, module, path, rot_q, rot_k, scores, pattern):
+    rot_q / rot_k are None where a spec fires them elsewhere (at a rotary module's output).
+    """
+
+    def __init__(self, module, path):
         super().__init__(module, path)
-        self.rot_q, self.rot_k, self.scores, self.pattern = rot_q, rot_k, scores, pattern
+        self.rot_q = self.rot_k = self.scores = self.pattern = None
         self.rot_k_done = False
         self.native_kernel = None
+        self._causal_masks = {}
 
     def kernel_needed(self) -> bool:
-        return self.rot_q.active or self.rot_k.active or self.scores.active or self.pattern.active
+        points = (self.rot_q, self.rot_k, self.scores, self.pattern)
+        return any(point is not None and point.active for point in points)
 
     def call(self, wrapped, args, kwargs):
         if not self.kernel_needed():
@@ -65,7 +70,7 @@ class AttnSite(Site):
         config = entries["config"]
         self.native_kernel = native_attention_function(self.module, config)
         self.rot_k_done = False
-        if self.rot_k.active:
+        if self.rot_k is not None and self.rot_k.active:
             for cache_arg in ("past_key_values", "past_key_value"):
                 if kwargs.get(cache_arg) is not None:
                     kwargs = {**kwargs, cache_arg: _KeyHookCache(kwargs[cache_arg], self)}
@@ -75,12 +80,55 @@ class AttnSite(Site):
         finally:
             entries["config"] = config
 
+    def causal_mask(self, n_query, n_key, dtype, device):
+        """The additive causal mask the kernel implies when it is given none (queries are the last
+        n_query positions), kept per shape since sdpa models pass no mask on every forward."""
+        key = (n_query, n_key, dtype, device)
+        if key not in self._causal_masks:
+            query_pos = torch.arange(n_key - n_query, n_key, device=device)[:, None]
+            hidden = query_pos < torch.arange(n_key, device=device)[None, :]
+            self._causal_masks = {key: torch.zeros(n_query, n_key, dtype=dtype, device=device).masked_fill(hidden, torch.finfo(dtype).min)}
+        return self._causal_masks[key]
+
     @staticmethod
     def fire_heads(point, states):
         """Fire a (batch, heads, pos, d_head) tensor as (batch, pos, heads, d_head)."""
-        if not point.active:
+        if point is None or not point.active:
             return states
         return point.fire(states.transpose(1, 2)).transpose(1, 2)
+
+
+class _SdpaCall(torch.overrides.TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention, inside one attention forward, to the site's eager path."""
+
+    def __init__(self, site):
+        super().__init__()
+        self.site = site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return self.site.sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class SdpaCallSite(AttnSite):
+    """An attention module that calls F.scaled_dot_product_attention itself (remote code such as
+    OpenELM, outside transformers' attention registry). While hook_attn_scores or hook_pattern holds
+    a hook, that call is computed eagerly by tlshim, for that module's forward only."""
+
+    def kernel_needed(self) -> bool:
+        return self.scores.active or self.pattern.active
+
+    def call(self, wrapped, args, kwargs):
+        if not self.kernel_needed():
+            return wrapped(*args, **kwargs)
+        with _SdpaCall(self):
+            return wrapped(*args, **kwargs)
+
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        out, _ = eager_attention(self.module, self, query, key, value, attn_mask, scale, dropout_p, is_causal=is_causal)
+        return out.transpose(1, 2)
 
 
 def native_attention_function(module, config):
@@ -109,7 +157,7 @@ def register_kernel():
 def tlshim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     site = module.config._self_site
     query = site.fire_heads(site.rot_q, query)
-    if site.rot_k.active and not site.rot_k_done:
+    if site.rot_k is not None and site.rot_k.active and not site.rot_k_done:
         key = site.fire_heads(site.rot_k, key)
     if not (site.scores.active or site.pattern.active):
         return site.native_kernel(
@@ -130,7 +178,7 @@ def eager_attention(module, site, query, key, value, attention_mask, scaling, dr
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = _apply_mask(module, scores, attention_mask, kwargs.get("is_causal"))
+    scores = _apply_mask(module, site, scores, attention_mask, kwargs.get("is_causal"))
     scores = site.scores.fire(scores)
     pattern = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = site.pattern.fire(pattern)
@@ -139,14 +187,13 @@ def eager_attention(module, site, query, key, value, attention_mask, scaling, dr
     return out, pattern
 
 
-def _apply_mask(module, scores, mask, is_causal):
+def _apply_mask(module, site, scores, mask, is_causal):
     n_query, n_key = scores.shape[-2:]
     if mask is None:
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         if not causal or n_query == 1:
             return scores
-        query_pos = torch.arange(n_key - n_query, n_key, device=scores.device)[:, None]
-        mask = query_pos >= torch.arange(n_key, device=scores.device)[None, :]
+        mask = site.causal_mask(n_query, n_key, scores.dtype, scores.device)
     mask = mask[..., :n_key]
     if mask.dtype == torch.bool:
         return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import functools
 
-from .attention import AttnSite
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
-from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, Site
+from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, RotarySite, Site, SplitSite
 from .spec import get_path
-from .weights import AttnWeights, EmbedWeights, MlpWeights, NormWeights, UnembedWeights
+from .weights import AttnWeights, EmbedWeights, MlpWeights, NormWeights, TiedEmbedWeights, UnembedWeights
 
 
 class Plan:
@@ -36,7 +35,8 @@ class Plan:
     def site(self, path, cls=Site, *args):
         if path not in self.sites:
             site = self.sites[path] = cls(self.module(path), path, *args)
-            site.locate = functools.partial(get_path, self.model, path)
+            parent, _, attr = path.rpartition(".")
+            site.locate = functools.partial(getattr, self.module(parent), attr)
         return self.sites[path]
 
     def point(self, name, owner, attr, *sites):
@@ -80,8 +80,11 @@ def plan_install(model, spec) -> Plan:
     plan.alias(model, "embed", plan.module(spec.embed), "model")
     plan.alias(model, "unembed", plan.module(spec.unembed), "model")
     plan.alias(model, "ln_final", final.module, "model")
-    plan.swap(plan.module(spec.embed), EmbedWeights, "embed")
-    plan.swap(plan.module(spec.unembed), UnembedWeights, "unembed")
+    if spec.unembed == spec.embed:
+        plan.swap(plan.module(spec.embed), TiedEmbedWeights, "embed")
+    else:
+        plan.swap(plan.module(spec.embed), EmbedWeights, "embed")
+        plan.swap(plan.module(spec.unembed), UnembedWeights, "unembed")
     plan.swap(final.module, NormWeights, "ln_final")
     return plan
 
@@ -103,20 +106,21 @@ def _plan_layer(plan: Plan, i: int):
     ln1.scale_point = plan.point(f"{block}.ln1.hook_scale", ln1.module, "hook_scale", ln1)
     ln1.out_points.append((plan.point(f"{block}.ln1.hook_normalized", ln1.module, "hook_normalized", ln1), None))
 
-    for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv)):
-        path = rel(f"{spec.attn}.{getattr(spec, role + '_proj')}")
-        site = plan.site(path, spec.qkv_site, plan.model.config) if spec.qkv_site else plan.site(path)
-        site.out_points.append((plan.point(f"{block}.attn.hook_{role}", attn, f"hook_{role}", site), n))
+    qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
+    _plan_projections(plan, qkv, base, block, attn, "attn")
     for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")
         if norm_path:
-            site = plan.site(rel(f"{spec.attn}.{norm_path}"))
+            site = plan.site(rel(f"{spec.attn}.{norm_path}"), spec.qk_norm_site)
             point = plan.point(f"{block}.attn.hook_{role}_normed", attn, f"hook_{role}_normed", site)
-            site.out_points.append((point, None))  # the per-head norm already sees (..., heads, d_head)
+            site.out_points.append((point, None))  # the per-head norm already sees the heads axis
 
-    attn_site = plan.site(rel(spec.attn), AttnSite, None, None, None, None)
-    for name in ("rot_q", "rot_k", "attn_scores", "pattern"):
-        setattr(attn_site, {"attn_scores": "scores"}.get(name, name), plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", attn_site))
+    attn_site = plan.site(rel(spec.attn), spec.attn_site)
+    rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
+    for name in ("rot_q", "rot_k"):
+        setattr(rot_site, name, plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", rot_site))
+    attn_site.scores = plan.point(f"{block}.attn.hook_attn_scores", attn, "hook_attn_scores", attn_site)
+    attn_site.pattern = plan.point(f"{block}.attn.hook_pattern", attn, "hook_pattern", attn_site)
 
     o_path = rel(f"{spec.attn}.{spec.o_proj}")
     o_site = plan.site(o_path, OutProjSite, None, n_heads, _OutWeights(spec, attn))
@@ -133,16 +137,10 @@ def _plan_layer(plan: Plan, i: int):
     ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
     ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
 
-    mlp_path = rel(spec.mlp)
-    if spec.gate_proj:
-        gate = plan.site(f"{mlp_path}.{spec.gate_proj}")
-        gate.out_points.append((plan.point(f"{block}.mlp.hook_pre", mlp, "hook_pre", gate), None))
-        up = plan.site(f"{mlp_path}.{spec.up_proj}")
-        up.out_points.append((plan.point(f"{block}.mlp.hook_pre_linear", mlp, "hook_pre_linear", up), None))
-    else:
-        up = plan.site(f"{mlp_path}.{spec.up_proj}")
-        up.out_points.append((plan.point(f"{block}.mlp.hook_pre", mlp, "hook_pre", up), None))
-    down = plan.site(f"{mlp_path}.{spec.down_proj}")
+    mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
+    mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
+    _plan_projections(plan, mlp_points, base, block, mlp, "mlp")
+    down = plan.site(rel(f"{spec.mlp}.{spec.down_proj}"))
     down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
@@ -158,6 +156,26 @@ def _plan_layer(plan: Plan, i: int):
             plan.swap(target, NormWeights, f"{block}.{name}")
     plan.swap(attn, AttnWeights, f"{block}.attn")
     plan.swap(mlp, MlpWeights, f"{block}.mlp")
+
+
+def _plan_projections(plan, points, base, block, owner, prefix):
+    """Hook points on projection outputs, given as (attribute, path, n_heads). Points sharing a path
+    (a fused projection) each fire on their share of its output, split by heads, in the order given."""
+    by_path: dict = {}
+    for attr, path, n_heads in points:
+        by_path.setdefault(f"{base}.{path}", []).append((attr, n_heads))
+    for path, entries in by_path.items():
+        if len(entries) == 1:
+            (attr, n_heads), spec = entries[0], plan.spec
+            own_site = prefix == "attn" and spec.qkv_site
+            site = plan.site(path, spec.qkv_site, plan.model.config) if own_site else plan.site(path)
+            site.out_points.append((plan.point(f"{block}.{prefix}.{attr}", owner, attr, site), n_heads))
+            continue
+        site = plan.site(path, SplitSite)
+        width, units = plan.module(path).out_features, sum(n or 1 for _, n in entries)
+        for attr, n_heads in entries:
+            point = plan.point(f"{block}.{prefix}.{attr}", owner, attr, site)
+            site.add(point, n_heads, width * (n_heads or 1) // units)
 
 
 class _OutWeights:

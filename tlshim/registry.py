@@ -16,7 +16,7 @@ from packaging.version import Version
 from .errors import UnsupportedModelError, UnsupportedVersionError
 
 #: model_type -> patch package; the one place architectures are registered.
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "olmo", "smollm3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "olmo", "smollm3", "openelm")
 
 #: The transformers versions the tox matrix runs (plus the newest release, whatever it is).
 TESTED_VERSIONS = ("4.48.3", "4.53.3", "4.57.6", "5.0.0", "5.12.1", "5.23.0")

@@ -122,6 +122,48 @@ class Site:
         return wrapped(*args, **kwargs)
 
 
+class SplitSite(Site):
+    """A fused projection (OpenELM's qkv_proj and proj_1): each out point fires on its slice of the
+    output's last axis, and the slices are put back together for what runs downstream."""
+
+    def __init__(self, module, path):
+        super().__init__(module, path)
+        self.widths: list = []
+
+    def add(self, point, n_heads, width):
+        self.out_points.append((point, n_heads))
+        self.widths.append(width)
+
+    def on_output(self, y):
+        parts = list(y.split(self.widths, dim=-1))
+        for i, entry in enumerate(self.out_points):
+            parts[i] = fire_points([entry], parts[i])
+        return torch.cat(parts, dim=-1)
+
+
+class HeadsFirstSite(Site):
+    """A module whose output is (batch, heads, pos, d_head); its points fire as (batch, pos, heads, d_head)."""
+
+    def on_output(self, y):
+        return fire_points(self.out_points, y.transpose(1, 2)).transpose(1, 2)
+
+
+class RotarySite(Site):
+    """A rotary module returning rotated (query, key), both (batch, heads, pos, d_head), the keys
+    over every position (cached and new): rot_q fires on the query, rot_k on the new keys."""
+
+    rot_q = rot_k = None
+
+    def call(self, wrapped, args, kwargs):
+        query, key = wrapped(*args, **kwargs)
+        query = fire_points([(self.rot_q, None)], query.transpose(1, 2)).transpose(1, 2)
+        if self.rot_k.active:
+            n_new = query.shape[2]
+            new = fire_points([(self.rot_k, None)], key[:, :, -n_new:].transpose(1, 2)).transpose(1, 2)
+            key = torch.cat([key[:, :, :-n_new], new], dim=2)
+        return query, key
+
+
 class LayerSite(Site):
     """A decoder layer: resid_pre on its input, resid_post on its output.
 
@@ -211,7 +253,7 @@ class OutProjSite(Site):
         if grad_link:
             z, weight = z.detach(), weight.detach()
         w_o = weight.T.reshape(self.n_heads, -1, weight.shape[0])
-        result = torch.einsum("...he,hed->...hd", z, w_o)
+        result = torch.matmul(z.transpose(-2, -3), w_o).transpose(-2, -3)
         if grad_link:
             result.requires_grad_()
         edited = self.result_point.fire(result)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from functools import reduce
 
 from . import norms
+from .attention import AttnSite
+from .sites import Site
 
 
 def get_path(root, path: str):
@@ -26,6 +28,12 @@ def llama_head_counts(attn, config):
 def linear_params(spec, attn, role):
     """(weight, bias) of the q/k/v/o projection of ``attn`` in nn.Linear layout (out, in)."""
     proj = get_path(attn, getattr(spec, f"{role}_proj"))
+    return proj.weight, proj.bias
+
+
+def mlp_linear_params(spec, mlp, role):
+    """(weight, bias) of the gate/up/down projection of ``mlp`` in nn.Linear layout (out, in)."""
+    proj = get_path(mlp, getattr(spec, f"{role}_proj"))
     return proj.weight, proj.bias
 
 
@@ -87,14 +95,22 @@ class ArchSpec:
     norm: norms.Norm = norms.RMS
     #: Site subclass for the q/k/v projections, built as cls(module, path, config); None = plain Site
     qkv_site: type | None = None
+    #: Site class of the q/k norms (HeadsFirstSite where they see (batch, heads, pos, d_head))
+    qk_norm_site: type = Site
+    #: a rotary module (relative to attn) whose (q, k) output carries rot_q / rot_k, where the
+    #: attention does not go through transformers' attention registry (OpenELM)
+    rotary: str | None = None
+    #: Site class of the attention module: it serves hook_attn_scores / hook_pattern
+    attn_site: type = AttnSite
+    linear_params: object = linear_params
+    mlp_params: object = mlp_linear_params
     head_counts: object = llama_head_counts
     tl_config: object = llama_family_cfg
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
 
     def weights(self, attn, role):
-        return linear_params(self, attn, role)
+        return self.linear_params(self, attn, role)
 
     def mlp_weights(self, mlp, role):
-        proj = get_path(mlp, getattr(self, f"{role}_proj"))
-        return proj.weight, proj.bias
+        return self.mlp_params(self, mlp, role)

@@ -110,3 +110,7 @@ class UnembedWeights:
     @property
     def b_U(self):
         return _bias_or_zeros(getattr(self, "bias", None), (self.weight.shape[0],), self.weight)
+
+
+class TiedEmbedWeights(EmbedWeights, UnembedWeights):
+    """An embedding that is the unembedding too (tied, with no lm_head module: OpenELM)."""
