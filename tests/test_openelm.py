@@ -33,7 +33,7 @@ def test_names_shapes_cfg_and_weights():
     cfg = model.cfg
     assert set(model.hook_dict) == expected_names(spec_for(model), 4)
     assert cfg.n_heads == [2, 4, 4, 4] and cfg.n_key_value_heads == [1, 2, 2, 2] and cfg.d_mlp == [32, 128, 192, 256]
-    _, cache = model.run_with_cache(IDS, use_cache=False)
+    _, cache = model.run_with_cache(IDS, names_filter=lambda name: True, use_cache=False)
     for i in range(4):
         h, g, m = cfg.n_heads[i], cfg.n_key_value_heads[i], cfg.d_mlp[i]
         for name, shape in {

@@ -33,10 +33,14 @@ class Plan:
         return getattr(self.model.config, "model_type", type(self.model).__name__)
 
     def site(self, path, cls=Site, *args):
+        """The one site of the module at ``path``, made on first use (a spec that gives one module
+        two incompatible roles is a spec error)."""
         if path not in self.sites:
             site = self.sites[path] = cls(self.module(path), path, *args)
             parent, _, attr = path.rpartition(".")
             site.locate = functools.partial(getattr, self.module(parent), attr)
+        if not isinstance(self.sites[path], cls):
+            raise TypeError(f"{path} is planned as a {type(self.sites[path]).__name__} and as a {cls.__name__}")
         return self.sites[path]
 
     def point(self, name, owner, attr, *sites):
