@@ -49,6 +49,17 @@ def out_hook(fn):
     return hook
 
 
+def first_input_hook(fn):
+    """A plain torch forward pre-hook (with kwargs) replacing a module's hidden_states with fn(it)."""
+
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    return hook
+
+
 def run_ref(model, ids, handles):
     try:
         return model(ids).logits
@@ -94,7 +105,13 @@ def test_residual_and_sublayer_edits(arch):
     ids, v = tokens(), vector()
     for name, (module, edit) in output_edits(arch, twin, v).items():
         got = model.run_with_hooks(ids, fwd_hooks=[(name, lambda t, hook, edit=edit: edit(t))])
-        want = run_ref(twin, ids, [module.register_forward_hook(out_hook(edit))])
+        if name == "hook_embed" and arch == "gemma2":
+            # Gemma2 scales the embedding after the embedding module before 5.4: the embedding
+            # entering the residual stream is the first layer's input
+            handle = twin.model.layers[0].register_forward_pre_hook(first_input_hook(edit), with_kwargs=True)
+        else:
+            handle = module.register_forward_hook(out_hook(edit))
+        want = run_ref(twin, ids, [handle])
         assert torch.equal(got, want), name
         assert not torch.equal(got, model(ids).logits), name
 
