@@ -177,3 +177,15 @@ def test_backward_hooks_and_round_trip():
     model.zero_grad(set_to_none=True)
     after = {"logits": logits_of(model), "state_dict": dict(model.state_dict()), "modules": [(n, type(m), sorted(vars(m))) for n, m in model.named_modules()], "signatures": [], "params": []}
     assert_same(before, after)
+
+
+def test_install_repairs_uninitialised_buffers():
+    """What transformers v5 leaves in non-persistent buffers of remote code loaded without tlshim."""
+    model, twin = build_openelm_in_memory(seed=0), build_openelm_in_memory(seed=0)
+    with torch.no_grad():
+        model.transformer.causal_mask.copy_(torch.rand(model.transformer.causal_mask.shape) > 0.5)
+        for layer in model.transformer.layers:
+            layer.attn.pos_embedding.inv_freq.fill_(1e22)
+    assert not torch.equal(logits_of(model), logits_of(twin))
+    tlshim.install(model)
+    assert torch.equal(logits_of(model), logits_of(twin))

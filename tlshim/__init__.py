@@ -10,6 +10,7 @@ from .activation_cache import ActivationCache
 from .errors import ConflictError, HookNameError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
 from .hook_points import HookPoint
 from .install import install, is_installed, uninstall
+from .loading import ReinitializedWeightsError, finish_loading, from_pretrained, loading, repair_buffers
 from .recording import record_generation
 from .registry import supported
 
@@ -19,12 +20,17 @@ __all__ = [
     "HookNameError",
     "HookPoint",
     "HookShapeError",
+    "ReinitializedWeightsError",
     "TlshimError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
+    "finish_loading",
+    "from_pretrained",
     "install",
     "is_installed",
+    "loading",
     "record_generation",
+    "repair_buffers",
     "supported",
     "uninstall",
 ]

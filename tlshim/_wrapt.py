@@ -12,3 +12,11 @@ def wrap_callable(wrapped, wrapper):
 
 def is_wrapper(obj) -> bool:
     return isinstance(obj, wrapt.FunctionWrapper)
+
+
+def wrap_attribute(owner, name, wrapper):
+    """Replace ``owner.<name>`` (an entry of ``vars(owner)``: a function, classmethod, ...) by a
+    FunctionWrapper around it; returns the original, which ``setattr(owner, name, original)`` puts back."""
+    original = vars(owner)[name]
+    setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
+    return original

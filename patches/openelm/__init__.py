@@ -12,6 +12,16 @@ from __future__ import annotations
 from tlshim.spec import get_path
 
 
+def repair_loaded_buffers(model, spec, options):
+    """Install step: a model loaded by transformers v5 without ``tlshim.loading()`` has uninitialised
+    non-persistent buffers (causal mask, rotary tables); they are recomputed in place, and stay
+    repaired after uninstall. Weights already re-initialised by 5.0-5.2 raise ReinitializedWeightsError."""
+    from tlshim.loading import repair_buffers
+
+    repair_buffers(model)
+    return []
+
+
 def head_counts(attn, config):
     return attn.num_q_heads, attn.num_k_heads, attn.head_dim
 

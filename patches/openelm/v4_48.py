@@ -5,7 +5,7 @@ from tlshim.attention import SdpaCallSite
 from tlshim.sites import HeadsFirstSite
 from tlshim.spec import ArchSpec
 
-from . import ffn_params, head_counts, openelm_cfg, qkv_params
+from . import ffn_params, head_counts, openelm_cfg, qkv_params, repair_loaded_buffers
 
 SPEC = ArchSpec(
     versions=">=4.48,<6",
@@ -35,4 +35,5 @@ SPEC = ArchSpec(
     linear_params=qkv_params,
     mlp_params=ffn_params,
     tl_config=openelm_cfg,
+    prepare=(repair_loaded_buffers,),
 )
