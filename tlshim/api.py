@@ -111,8 +111,11 @@ class ModelAPI:
     # -- running ---------------------------------------------------------------------------------
 
     def _forward(self, input, hf_kwargs):
-        if isinstance(input, (str, list)) and (isinstance(input, str) or isinstance(input[0], str)):
-            input = self.to_tokens(input)
+        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
+            encoded = self._tokenizer_or_raise()(input if isinstance(input, list) else [input], return_tensors="pt", padding=True)
+            input = encoded["input_ids"].to(self.device)
+            if "attention_mask" not in hf_kwargs and not bool(encoded["attention_mask"].all()):
+                hf_kwargs = {**hf_kwargs, "attention_mask": encoded["attention_mask"].to(self.device)}
         mask = hf_kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and hf_kwargs.get("position_ids") is None and hf_kwargs.get("past_key_values") is None:
             # left padding: number each row's real tokens from 0 (as generate does), so every real

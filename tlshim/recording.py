@@ -81,7 +81,10 @@ def join_steps(name, steps):
 
 @contextlib.contextmanager
 def record_generation(model, names_filter=None, device=None):
-    """Record the activations named by ``names_filter`` (all by default) at every position ``generate`` runs.
+    """Record the activations named by ``names_filter`` at every position ``generate`` runs.
+
+    ``names_filter`` is a name, a list of names or a predicate, as in ``run_with_cache``; by default
+    every name but ``hook_result`` (the names ``run_with_cache`` keeps by default).
 
     For each name the record holds one tensor over the prompt and the generated tokens, as
     ``run_with_cache`` on the final sequence would give it (up to float rounding: the cached steps
@@ -97,8 +100,8 @@ def record_generation(model, names_filter=None, device=None):
     """
     model = hf_model(model)
     hook_dict = model.hook_dict
-    if names_filter is None:
-        names = list(hook_dict)
+    if names_filter is None:  # run_with_cache's default set: hook_result only when named
+        names = [name for name in hook_dict if not name.endswith(".hook_result")]
     elif isinstance(names_filter, str):
         names = [names_filter]
     elif callable(names_filter):

@@ -86,16 +86,24 @@ class Site:
     def release(self):
         self._users -= 1
         if self._users == 0:
-            entries, slot = self.module.__dict__, self._slot
-            if entries.get(slot) is not self._wrapper:
+            entries = self.module.__dict__
+            # accelerate moves what it finds in forward to _old_forward when it adds its hook (and back
+            # when it removes it): while a hook was live, the wrapper may sit in the other slot
+            slot = next((name for name in (self._slot, "_old_forward", "forward") if entries.get(name) is self._wrapper), None)
+            if slot is None:
+                found = entries.get(self._slot)
                 raise ConflictError(
-                    f"{self.path}.{slot} was replaced by something else while tlshim had it wrapped "
-                    f"(found {entries.get(slot)!r}); remove that patch first, then tlshim's hooks"
+                    f"{self.path}.{self._slot} was replaced by something else while tlshim had it wrapped "
+                    f"(found {type(found).__name__} {getattr(found, '__qualname__', '')}); "
+                    "remove that patch first, then tlshim's hooks"
                 )
-            if self._saved is _MISSING:
+            saved = self._saved
+            if saved is _MISSING and slot != "forward":  # accelerate calls _old_forward: keep one there
+                saved = type(self.module).forward.__get__(self.module)
+            if saved is _MISSING:
                 del entries[slot]
             else:
-                entries[slot] = self._saved
+                entries[slot] = saved
             self._wrapper, self._saved = None, _MISSING
 
     @property

@@ -1,0 +1,88 @@
+"""Issue 5, pipeline and save/load: an installed model inside ``transformers.pipeline`` and through
+``save_pretrained`` / ``from_pretrained``."""
+
+import filecmp
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import tlshim
+
+from dropin import ARCHS, add_to_layer_output, add_vector, fixture, greedy, prompts, steering_vector, tokenizer
+
+LAYER = 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_generation_pipeline_runs_hooks(arch):
+    tok = tokenizer(arch)
+    model, plain = tlshim.install(fixture(arch), tokenizer=tok), fixture(arch)
+    text = tok.decode(prompts(arch, [9])[0][1:])  # the tokenizer adds <bos> itself
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_full_text=False)
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok)
+    plain_pipe = transformers.pipeline("text-generation", model=plain, tokenizer=tok)
+
+    shapes = []
+    with model.hooks(fwd_hooks=[(f"blocks.{LAYER}.attn.hook_pattern", lambda t, hook: shapes.append(tuple(t.shape)))]):
+        generated = pipe(text, **kwargs)[0]["generated_text"]
+    assert generated == plain_pipe(text, **kwargs)[0]["generated_text"]
+    n_prompt = len(tok(text)["input_ids"])
+    h = model.cfg.n_heads
+    assert shapes == [(1, h, n_prompt, n_prompt)] + [(1, h, 1, n_prompt + i) for i in range(1, 6)]
+
+    # an edit made through tlshim inside the pipeline equals the same edit as a plain torch hook
+    vector = steering_vector(model.cfg.d_model)
+    with model.hooks(fwd_hooks=[(f"blocks.{LAYER}.hook_resid_post", add_vector(vector))]):
+        steered = pipe(text, **kwargs)[0]["generated_text"]
+    handle = plain.model.layers[LAYER].register_forward_hook(add_to_layer_output(vector))
+    try:
+        assert steered == plain_pipe(text, **kwargs)[0]["generated_text"]
+    finally:
+        handle.remove()
+    assert steered != generated
+
+
+def _same_files(left, right):
+    names = sorted(os.listdir(left))
+    assert names == sorted(os.listdir(right))
+    match, mismatch, errors = filecmp.cmpfiles(left, right, names, shallow=False)
+    assert (mismatch, errors) == ([], []), f"files differ from the plain model's: {mismatch + errors}"
+    return names
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_pretrained_is_byte_identical_and_reloads(arch, tmp_path):
+    model, plain = tlshim.install(fixture(arch)), fixture(arch)
+    ids = prompts(arch, [10])[0][None]
+    with model.hooks(fwd_hooks=[(f"blocks.{LAYER}.attn.hook_z", lambda t, hook: None)]):  # a live wrapper too
+        model.save_pretrained(tmp_path / "installed")
+    plain.save_pretrained(tmp_path / "plain")
+    names = _same_files(tmp_path / "installed", tmp_path / "plain")
+    assert "config.json" in names and any(name.endswith(".safetensors") for name in names)
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "installed", attn_implementation="eager")
+    assert type(reloaded).__name__ == type(plain).__name__
+    tlshim.install(reloaded.eval())
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids)
+        reloaded_logits, reloaded_cache = reloaded.run_with_cache(ids)
+    assert torch.equal(logits, reloaded_logits)
+    assert list(cache.keys()) == list(reloaded_cache.keys())
+    for name in cache.keys():
+        assert torch.equal(cache[name], reloaded_cache[name]), name
+    assert torch.equal(greedy(model, ids)[0], greedy(reloaded, ids)[0])
+
+    # and an uninstalled reload saves the same weights again (its config differs only by where it was
+    # loaded from: transformers < 5 writes that path as _name_or_path)
+    tlshim.uninstall(reloaded)
+    reloaded.save_pretrained(tmp_path / "again")
+    for name in names:
+        if name == "config.json":
+            again, plain_config = (json.loads((tmp_path / d / name).read_text()) for d in ("again", "plain"))
+            again.pop("_name_or_path", None), plain_config.pop("_name_or_path", None)
+            assert again == plain_config
+        else:
+            assert filecmp.cmp(tmp_path / "again" / name, tmp_path / "plain" / name, shallow=False), name
