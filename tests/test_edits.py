@@ -155,6 +155,7 @@ def test_projection_and_mlp_edits(arch):
     ]
     if hasattr(attn, "q_norm"):
         cases.append(("attn.hook_q_normed", attn.q_norm, out_hook(lambda y: torch.cat([y[..., :HEAD, :], y[..., HEAD:, :] * 0], -2))))
+        cases.append(("attn.hook_k_normed", attn.k_norm, out_hook(lambda y: torch.cat([y[..., :1, :], y[..., 1:, :] * 0], -2))))
     for name, module, hook in cases:
         if name.startswith("attn.hook_") and name != "attn.hook_q_normed":
             heads = cfg.n_heads if name == "attn.hook_q" else cfg.n_key_value_heads
@@ -212,8 +213,6 @@ def test_zeroing_a_head_in_z_equals_zeroing_its_output_weights(arch, attn_impl):
 def test_scale_edit_equals_norm_by_hand(arch):
     model, twin = pair(arch)
     ids = tokens()
-    norm = twin.model.layers[LAYER].input_layernorm
-
     def by_hand(module, args, output):
         x = args[0].float()
         if arch == "olmo":  # parameter-free LayerNorm
@@ -225,10 +224,14 @@ def test_scale_edit_equals_norm_by_hand(arch):
         scale = (x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).sqrt() * 2
         return module.weight * (x / scale).to(args[0].dtype)
 
-    got = model.run_with_hooks(ids, fwd_hooks=[(f"blocks.{LAYER}.ln1.hook_scale", lambda s, hook: s * 2)])
-    want = run_ref(twin, ids, [norm.register_forward_hook(by_hand)])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # the divisor's rounding differs
-    assert not torch.allclose(got, model(ids).logits, atol=1e-2)
+    layer = twin.model.layers[LAYER]
+    for name, norm in ((f"blocks.{LAYER}.ln1.hook_scale", layer.input_layernorm),
+                       (f"blocks.{LAYER}.ln2.hook_scale", part(layer, arch, "ln2")),
+                       ("ln_final.hook_scale", twin.model.norm)):
+        got = model.run_with_hooks(ids, fwd_hooks=[(name, lambda s, hook: s * 2)])
+        want = run_ref(twin, ids, [norm.register_forward_hook(by_hand)])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # the divisor's rounding differs
+        assert not torch.allclose(got, model(ids).logits, atol=1e-2), name
 
 
 def uniform_causal(shape):
