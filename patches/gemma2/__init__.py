@@ -46,14 +46,14 @@ def use_eager_attention(model, spec, options):
         warnings.warn(
             f"Gemma2 is running {current!r} attention, which drops attention soft-capping; kept as asked "
             "(keep_attn_implementation=True), so its logits are not Gemma2's and hook_attn_scores is uncapped",
-            stacklevel=3,
+            stacklevel=4,
         )
         return []
     warnings.warn(
         f"tlshim switched this Gemma2 model from {current!r} to eager attention: {current} drops attention "
         "soft-capping, so its logits change (soft-capping is restored). uninstall() switches back; "
         "install(..., keep_attn_implementation=True) keeps it",
-        stacklevel=3,
+        stacklevel=4,
     )
     switch = _AttnImplementation(model.config, "eager")
     return [Call(switch.apply, switch.undo)]
