@@ -131,7 +131,8 @@ def test_resid_mid_edit_reaches_both_branches(arch):
         if arch == "gemma2":
             mlp_out = layer.post_feedforward_layernorm(mlp_out)
         out = mid + mlp_out
-        return (out,) if LAYER_RETURNS_TUPLE else out
+        returns_tuple = LAYER_RETURNS_TUPLE or (arch == "gemma2" and TF_VERSION < Version("5.0"))
+        return (out,) if returns_tuple else out
 
     layer.forward = by_hand
     want = twin(ids).logits
