@@ -1,26 +1,29 @@
 """Train the tiny induction-head models shipped in ``tlshim/assets/<arch>/``.
 
-Native transformers + torch only (no tlshim), CPU, deterministic (fixed seeds, 2 threads,
-``torch.use_deterministic_algorithms``). The model learns to copy a repeated word sequence
-with the two-layer induction circuit: a previous-token head in layer 0, then an induction head
-in layer 1. Shipping trained weights (not random ones) makes hook and ablation tests
-meaningful: zeroing the induction head through a hook must visibly break the copying.
+Native transformers + torch, CPU, deterministic (fixed seeds, 2 threads,
+``torch.use_deterministic_algorithms``); the final report reads the heads through tlshim, as
+the package's tests do. The model learns to copy a repeated word sequence with the two-layer
+induction circuit: a previous-token head in layer 0, then an induction head in layer 1.
+Shipping trained weights (not random ones) makes hook and ablation tests meaningful: zeroing
+the induction head through a hook must visibly break the copying.
 
-Usage::
+Usage (each reproduces the shipped folder bit for bit)::
 
     python scripts/train_induction.py --arch llama --out tlshim/assets/llama
     python scripts/train_induction.py --arch gemma2 --out tlshim/assets/gemma2
+    python scripts/train_induction.py --arch olmo --out tlshim/assets/olmo
+    python scripts/train_induction.py --arch smollm3 --out tlshim/assets/smollm3
+    python scripts/train_induction.py --arch openelm --out tlshim/assets/openelm
 
 Architectures are registered in ``ARCHS``: a small function per ``--arch`` that takes the
-shared sizes and returns an untrained ``PreTrainedModel`` (so an arch that needs custom or
-remote code can build its model however it must). Per-arch training overrides live in
-``TRAIN``; ``O_PROJ`` names the head-mixing projection where it is not
-``model.layers.{layer}.self_attn.o_proj``. Every run prints step, loss and repeated-half
-accuracy, then the induction score of every head and the accuracy with the best head ablated.
+shared sizes and returns an untrained ``PreTrainedModel`` (OpenELM: the project's remote-code
+stand-in from tests/fixtures, saved with its source files). Per-arch training overrides live
+in ``TRAIN``, changes made part-way through training in ``STAGES``; ``O_PROJ`` names the
+head-mixing projection where it is not ``model.layers.{layer}.self_attn.o_proj``.
 
 Evaluation uses ``[bos] + x + x`` (length 49), ``x`` = 24 distinct words of the 64. Training
-departs from that in three measured ways (TESTING.md's plain recipe gives a model where no
-single head matters):
+departs from that in measured ways (TESTING.md's plain recipe gives a model where no single
+head matters):
 
 1. Variable period. Training sequences use ``x`` of random length 8..24, the rest filled with
    other distinct words. With a fixed period of 24 a single RoPE head learns "attend 23 back",
@@ -32,16 +35,19 @@ single head matters):
    head ``head`` (default 2, which shares KV head 1 under GQA). Left free, all four heads of
    layer 1 learn the same pattern and ablating any one leaves accuracy at ~1.0. The other
    three heads keep their initial weights and are not masked in the saved model.
+4. Stages, where an architecture's quirk stops the circuit from forming (``STAGES``):
+   SmolLM3's last layer becomes NoPE after 300 steps with rotary; OpenELM trains its first
+   300 steps with the q/k norms bypassed, then with them restored and on packed repeats
+   (periods down to 2, ``make_packed_batch``), which leave no circuit but the induction one.
 
 Definitions (sequence length 49, bos at 0, first copy at 1..24, second copy at 25..48):
 
 * repeated-half accuracy: argmax of the logits at positions 25..47 against the tokens at
   26..48 (23 predictions per sequence, all determined by the first copy; the token at 25 is
   not, so it is left out).
-* induction score of head (l, h): mean over positions i = 25..48 of the eager attention weight
-  from i to i - 23, the token right after the previous occurrence of token i.
-* head ablation: a forward pre-hook on ``layers[l].self_attn.o_proj`` zeroes that head's
-  ``head_dim`` slice of its input.
+* induction score of head (l, h): mean over positions i = 25..48 of the attention weight
+  (hook_pattern) from i to i - 23, the token right after the previous occurrence of token i.
+* head ablation: that head's hook_z zeroed.
 
 The saved config.json and tokenizer_config.json are post-edited so transformers 4.48 reads
 them the same way (see ``make_portable``).
@@ -52,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -75,7 +82,6 @@ CONTENT_IDS = torch.arange(len(SPECIALS), VOCAB_SIZE)
 
 HALF = 24
 SEQ_LEN = 1 + 2 * HALF  # 49
-REPEAT = range(HALF + 1, SEQ_LEN)  # 25..48, the second copy
 
 # Shared sizes every arch function receives (TESTING.md: 2 layers, d_model 64, 4 heads).
 COMMON = dict(
@@ -93,7 +99,8 @@ COMMON = dict(
 )
 
 DEFAULT_TRAIN = dict(
-    seed=0, steps=300, lr=3e-3, batch=64, weight_decay=0.01, warmup=10, min_half=8, head=2
+    seed=0, steps=300, lr=3e-3, batch=64, weight_decay=0.01, warmup=10, min_half=8, head=2,
+    data="repeat", min_period=2,
 )
 
 
@@ -152,15 +159,95 @@ def build_olmo(common: dict):
 
 
 def build_smollm3(common: dict):
-    # no_rope_layers: 1 = rotary, 0 = NoPE. Layer 0 keeps RoPE (the previous-token head needs
-    # positions); layer 1, the induction head, is NoPE and matches on content alone.
+    # no_rope_layers: 1 = rotary, 0 = NoPE. The model starts with rotary in both layers; its
+    # last layer becomes NoPE part-way through (STAGES, ``drop_rope_in_last_layer``).
     # rope_theta: SmolLM3's default 2e6 leaves a 16-dim head one usable rotary frequency,
     # too coarse for a previous-token head.
     return _from_config(
         transformers.SmolLM3Config(
-            **common, no_rope_layers=[1, 0], rope_theta=10000.0, tie_word_embeddings=False
+            **common, no_rope_layers=[1, 1], rope_theta=10000.0, tie_word_embeddings=False
         )
     )
+
+
+def drop_rope_in_last_layer(model, hp: dict) -> None:
+    """Make SmolLM3's last layer NoPE, in the module and in the config that is saved.
+
+    Trained NoPE from the start, the last layer learns a copying circuit that is not an
+    induction head: layer 0 attends a fixed 7-8 positions back and layer 1 matches on that,
+    which the training periods (>= 8) allow. Learned with rotary first, the induction head
+    matches on content alone and survives the switch; training goes on with NoPE.
+    """
+    last = len(model.model.layers) - 1
+    model.model.layers[last].self_attn.use_rope = 0
+    model.config.no_rope_layers = [1] * last + [0]
+
+
+def build_openelm(common: dict):
+    """The project's OpenELM stand-in (tests/fixtures/openelm), 4 query and 2 KV heads per layer."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.fixtures.openelm_fixture import build_openelm_config, load_standin
+
+    config = build_openelm_config(
+        vocab_size=common["vocab_size"],
+        max_context_length=common["max_position_embeddings"],
+        num_transformer_layers=common["num_hidden_layers"],
+        model_dim=common["hidden_size"],
+        head_dim=common["head_dim"],
+        qkv_multipliers=1.0,
+        num_gqa_groups=common["num_attention_heads"] // common["num_key_value_heads"],
+        ffn_multipliers=common["intermediate_size"] / common["hidden_size"],
+        initializer_range=0.02,
+        bos_token_id=common["bos_token_id"],
+        eos_token_id=common["eos_token_id"],
+    )
+    config.pad_token_id = common["pad_token_id"]
+    # Training runs without a KV cache: the stand-in, like Apple's file, builds one through the
+    # legacy API that v5 removed (OPENELM.md P7). The saved config turns it back on.
+    config.use_cache = False
+    _, modeling = load_standin()
+    model = modeling.OpenELMForCausalLM(config)
+    # The stand-in starts from OpenELM's OPT-style init (embeddings at std 1/sqrt(model_dim), tied
+    # to the unembedding), from which this recipe does not learn to copy in 1000 steps. Redrawn
+    # at std initializer_range, as every other architecture here starts, it learns like Llama.
+    model.apply(model._init_weights)
+    return model
+
+
+def bypass_qk_norms(model, hp: dict) -> None:
+    """Train OpenELM's attention without its q/k RMSNorms at first (forward hooks return their
+    input). With them on from the start this recipe does not learn to copy in 3000 steps: the
+    normalised q and k cap every attention logit at 4 * w_q * w_k, and no seed we tried grew
+    the norm weights out of that."""
+    hp["qk_bypass"] = [
+        module.register_forward_hook(lambda module, args, out: args[0])
+        for name, module in model.named_modules()
+        if name.endswith(("q_norm", "k_norm"))
+    ]
+
+
+def restore_qk_norms(model, hp: dict) -> None:
+    """Switch the q/k norms back on with each weight set to the RMS its input has now, so the
+    normalised q and k start close to the unnormalised ones the model learned with; then train
+    on packed repeats (``make_packed_batch``)."""
+    for handle in hp.pop("qk_bypass"):
+        handle.remove()
+    norms = [m for name, m in model.named_modules() if name.endswith(("q_norm", "k_norm"))]
+    rms = {}
+
+    def record_rms(module, args):
+        rms[module] = args[0].pow(2).mean(-1).sqrt().mean()
+
+    hooks = [m.register_forward_pre_hook(record_rms) for m in norms]
+    with torch.no_grad():
+        model(make_batch(64, torch.Generator().manual_seed(hp["seed"] + 3)))
+        for m in norms:
+            m.weight.fill_(rms[m].item())
+    for hook in hooks:
+        hook.remove()
+    hp["data"] = "packed"
 
 
 ARCHS = {
@@ -168,12 +255,18 @@ ARCHS = {
     "gemma2": build_gemma2,
     "olmo": build_olmo,
     "smollm3": build_smollm3,
+    "openelm": build_openelm,
 }
 
 # Per-arch overrides of DEFAULT_TRAIN, found by running this script (see the module docstring).
-TRAIN: dict[str, dict] = {}
+TRAIN: dict[str, dict] = {"smollm3": dict(steps=500), "openelm": dict(seed=3, steps=800)}
 # model_type -> path of the head-mixing projection, where it is not model.layers.{layer}.self_attn.o_proj
-O_PROJ: dict[str, str] = {}
+O_PROJ: dict[str, str] = {"openelm": "transformer.layers.{layer}.attn.out_proj"}
+# model_type -> [(step, change)]: change(model, hp) is made once that many steps are done.
+STAGES = {
+    "smollm3": [(300, drop_rope_in_last_layer)],
+    "openelm": [(0, bypass_qk_norms), (300, restore_qk_norms)],
+}
 
 
 # --------------------------------------------------------------------------- data and metrics
@@ -200,18 +293,29 @@ def make_batch(n: int, generator: torch.Generator, min_half: int | None = None) 
     return torch.cat([bos, torch.stack(rows)], dim=1)
 
 
+def make_packed_batch(n: int, generator: torch.Generator, min_period: int) -> torch.Tensor:
+    """``n`` sequences of length 49: ``<bos>`` and then repeated chunks ``x_1 x_1 x_2 x_2 ...``,
+    each ``x_k`` of random length in ``[min_period, 24]``, its words unused before in the row.
+
+    ``make_batch``'s periods of 8 and more let layer 0 pass on the word d < 8 back instead of
+    the previous one (a copying circuit that is not an induction head); periods down to 2
+    leave the previous-token head as the only circuit that serves every row.
+    """
+    perm = CONTENT_IDS[torch.rand(n, len(CONTENT_IDS), generator=generator).argsort(dim=1)]
+    rows = []
+    for row in perm:
+        chunks, used, filled = [], 0, 0
+        while filled < 2 * HALF:  # at most 24 + 24 of the 64 words
+            period = int(torch.randint(min_period, HALF + 1, (), generator=generator))
+            chunks += [row[used : used + period]] * 2
+            used, filled = used + period, filled + 2 * period
+        rows.append(torch.cat(chunks)[: 2 * HALF])
+    return torch.cat([torch.full((n, 1), BOS_ID, dtype=torch.long), torch.stack(rows)], dim=1)
+
+
 def repeat_accuracy(logits: torch.Tensor, ids: torch.Tensor) -> float:
     pred = logits[:, HALF + 1 : SEQ_LEN - 1].argmax(-1)
     return (pred == ids[:, HALF + 2 :]).float().mean().item()
-
-
-@torch.no_grad()
-def induction_scores(model, ids: torch.Tensor) -> torch.Tensor:
-    """[n_layers, n_heads] mean attention from i to i - 23 over the second copy."""
-    out = model(ids, output_attentions=True)
-    pos = torch.tensor(list(REPEAT))
-    scores = [a[:, :, pos, pos - (HALF - 1)].mean(dim=(0, 2)) for a in out.attentions]
-    return torch.stack(scores)
 
 
 def o_proj(model, layer: int) -> torch.nn.Module:
@@ -220,14 +324,8 @@ def o_proj(model, layer: int) -> torch.nn.Module:
     return model.get_submodule(path.format(layer=layer))
 
 
-@torch.no_grad()
-def ablated_accuracy(model, ids: torch.Tensor, layer: int, head: int) -> float:
-    hook = head_slice_hook(head, model.config.head_dim, zero=True)
-    handle = o_proj(model, layer).register_forward_pre_hook(hook)
-    try:
-        return repeat_accuracy(model(ids).logits, ids)
-    finally:
-        handle.remove()
+def n_layers(model) -> int:
+    return getattr(model.config, "num_hidden_layers", None) or model.config.num_transformer_layers
 
 
 # --------------------------------------------------------------------------- training
@@ -260,7 +358,7 @@ def train(arch: str, **overrides) -> transformers.PreTrainedModel:
     torch.manual_seed(hp["seed"])
     model = ARCHS[arch](dict(COMMON))
     model.train()
-    last = model.config.num_hidden_layers - 1
+    last = n_layers(model) - 1
     # Only one head of the last layer may write to the residual stream while training; the
     # others keep their initial weights. Left free, all four heads learn the same induction
     # pattern and no single ablation changes the output, which makes a useless fixture.
@@ -272,9 +370,16 @@ def train(arch: str, **overrides) -> transformers.PreTrainedModel:
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp["warmup"]))
     print(f"{arch}: {sum(p.numel() for p in model.parameters())} params, {hp}", flush=True)
+    stages = dict(STAGES.get(model.config.model_type, []))
     t0 = time.time()
     for step in range(1, hp["steps"] + 1):
-        ids = make_batch(hp["batch"], data_gen, hp["min_half"])
+        if step - 1 in stages:
+            stages[step - 1](model, hp)
+            print(f"after step {step - 1}: {stages[step - 1].__name__}", flush=True)
+        if hp["data"] == "packed":
+            ids = make_packed_batch(hp["batch"], data_gen, hp["min_period"])
+        else:
+            ids = make_batch(hp["batch"], data_gen, hp["min_half"])
         loss = copy_loss(model(ids).logits, ids)
         opt.zero_grad()
         loss.backward()
@@ -290,20 +395,25 @@ def train(arch: str, **overrides) -> transformers.PreTrainedModel:
 
 
 def report(model, n: int = 256, seed: int = 12345) -> dict:
+    """Every head's induction score and the best head's ablation, read through tlshim hooks
+    (hook_pattern, hook_z) as the package's tests read them; tlshim is removed afterwards."""
+    import tlshim
+    from tlshim.induction import find_induction_head
+
     ids = make_batch(n, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        acc = repeat_accuracy(model(ids).logits, ids)
-    scores = induction_scores(model, ids)
-    layer, head = divmod(int(scores.argmax()), scores.shape[1])
-    abl = ablated_accuracy(model, ids, layer, head)
+    tlshim.install(model)
+    try:
+        found = find_induction_head(model, ids, half=HALF)
+    finally:
+        tlshim.uninstall(model)
     print("induction scores [layer, head]:")
-    for row in scores.tolist():
+    for row in found.scores.tolist():
         print("   " + "  ".join(f"{s:.3f}" for s in row))
     result = dict(
-        accuracy=round(acc, 4),
-        best_head=[layer, head],
-        induction_score=round(scores[layer, head].item(), 4),
-        ablated_accuracy=round(abl, 4),
+        accuracy=round(found.accuracy, 4),
+        best_head=[found.layer, found.head],
+        induction_score=round(found.score, 4),
+        ablated_accuracy=round(found.ablated_accuracy, 4),
     )
     print(json.dumps(result), flush=True)
     return result
@@ -345,12 +455,36 @@ def make_tokenizer_portable(out: str) -> None:
         f.write("\n")
 
 
+def save_remote_code(model, out: str) -> None:
+    """OpenELM as Apple ships it: config.json with ``auto_map``, the stand-in's two source files
+    and the weights alone (no ``lm_head``, no buffers). ``save_pretrained`` breaks on the
+    stand-in's list-valued ``_tied_weights_keys`` under transformers v5 (OPENELM.md P8)."""
+    from safetensors.torch import save_file
+    from tests.fixtures.openelm_fixture import STANDIN_DIR, STANDIN_FILES, openelm_config_json
+
+    config = openelm_config_json(model.config)
+    config.update(pad_token_id=model.config.pad_token_id, use_cache=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    for name in STANDIN_FILES:
+        shutil.copyfile(STANDIN_DIR / name, os.path.join(out, name))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+
+
 def save(model, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    model.to(torch.float32).save_pretrained(out, safe_serialization=True)
-    make_portable(out)
+    model.to(torch.float32)
+    if model.config.model_type == "openelm":
+        save_remote_code(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+        make_portable(out)
     build_tokenizer().save_pretrained(out)
     make_tokenizer_portable(out)
+    for name in os.listdir(out):  # safetensors writes 0600; package data must be world-readable
+        os.chmod(os.path.join(out, name), 0o644)
 
 
 def main(argv=None) -> None:

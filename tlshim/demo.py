@@ -1,7 +1,7 @@
 """``python -m tlshim demo``: the induction head of the model tlshim ships, found and ablated.
 
-Loads the small Llama in tlshim/assets/llama (trained by scripts/train_induction.py on random
-sequences repeated twice) with from_pretrained, installs tlshim, prints every head's induction score,
+Loads a small model shipped in tlshim/assets/<arch> (Llama by default; trained by
+scripts/train_induction.py on random sequences repeated twice), installs tlshim, prints every head's induction score,
 names the induction head, shows that ablating it through hook_z breaks the copying, and draws its
 attention pattern.
 """
@@ -14,16 +14,24 @@ from importlib import resources
 ASSETS = resources.files("tlshim") / "assets"
 
 
-def load(arch="llama"):
-    """The shipped model of ``arch``, installed, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+ARCHS = ("llama", "gemma2", "olmo", "smollm3", "openelm")
 
-    import tlshim
+
+def load(arch="llama"):
+    """The shipped model of ``arch``, installed, and its tokenizer.
+
+    Eager attention: the demo reads every pattern, and Gemma2's soft-cap exists only there.
+    OpenELM is remote code (the project's stand-in, shipped beside its weights).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from .loading import from_pretrained
 
     folder = str(ASSETS / arch)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    return tlshim.install(model, tokenizer=tokenizer), tokenizer
+    # not AutoTokenizer: it would read OpenELM's config and ask whether to trust its code
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    model = from_pretrained(folder, tokenizer=tokenizer, attn_implementation="eager")
+    return model.eval(), tokenizer
 
 
 def score_table(scores) -> str:
@@ -60,9 +68,10 @@ def main(argv=None) -> int:
     from .induction import find_induction_head, repeated_tokens
 
     parser = argparse.ArgumentParser(prog="tlshim demo", description=__doc__)
+    parser.add_argument("--arch", default="llama", choices=ARCHS, help="which shipped model (default: llama)")
     parser.add_argument("--out", default="induction_pattern.png")
     args = parser.parse_args(argv)
-    model, tokenizer = load()
+    model, tokenizer = load(args.arch)
     tokens = repeated_tokens(tokenizer)
     words = model.to_str_tokens(tokens[0])
     print(f"input: {len(tokens)} sequences like {' '.join(words[:8])} ... (24 random words, then the same 24 again)\n")

@@ -51,7 +51,7 @@ def find_induction_head(model, tokens, half=24) -> InductionReport:
         for layer in range(model.cfg.n_layers):
             pattern = cache["pattern", layer]  # (batch, heads, query, key)
             rows.append(pattern[:, :, query, query - half + 1].mean(dim=(0, 2)))
-        scores = torch.stack(rows)
+        scores = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # OpenELM: heads per layer vary
         layer, head = divmod(int(scores.argmax()), scores.shape[1])
 
         def ablate(z, hook):
