@@ -3,7 +3,8 @@
 accelerate puts its hook in each module's instance ``forward`` and calls ``module._old_forward`` once
 the offloaded weights are loaded; tlshim wraps that inner slot, so its hooks (hook_result included,
 which reads W_O) run on the live weights. peft swaps q_proj etc. for LoRA layers around the
-originals; tlshim finds the module by path when a hook goes live, so hook_q is the adapted output.
+originals; tlshim finds the module by path when a hook goes live, so hook_q is the adapted output
+(OpenELM: its fused qkv_proj is adapted, and hook_q / hook_v are that LoRA layer's query and value parts).
 """
 
 import functools
@@ -13,7 +14,10 @@ import torch
 
 import tlshim
 
-from dropin import ARCHS, add_vector, fixture, greedy, prompts, steering_vector
+from dropin import (
+    ALL_VARIANTS, ARCHS, LAYERS, add_vector, exact_kernel, fixture, greedy, layers, own_kernel_names, prompts,
+    steering_vector,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),  # peft on tf 5.x
@@ -24,12 +28,12 @@ pytestmark = [
 
 def last(model):
     """The last layer: offloaded to disk below."""
-    return model.config.num_hidden_layers - 1
+    return len(layers(model)) - 1
 
 
 def accelerate_hooked(model):
-    layer = model.model.layers[last(model)]
-    return "_hf_hook" in vars(layer) or "_hf_hook" in vars(layer.self_attn.q_proj)
+    layer = layers(model)[last(model)]
+    return "_hf_hook" in vars(layer) or any("_hf_hook" in vars(module) for module in layer.modules())
 
 
 def ALL(name):
@@ -40,25 +44,44 @@ def need(name):
     return pytest.importorskip(name, reason=f"{name} is not installed (pip install tlshim[test])")
 
 
-def device_map(n_layers, near="cpu"):
-    """Embeddings, the first half of the layers, norm and head on ``near``; the rest on disk."""
-    layers = {f"model.layers.{i}": near if i < n_layers // 2 else "disk" for i in range(n_layers)}
-    return {"model.embed_tokens": near, "model.rotary_emb": near, **layers, "model.norm": near, "lm_head": near}
+def device_map(model, near="cpu"):
+    """Embeddings, the first half of the layers, norm, rotary tables and head on ``near``; the rest on disk."""
+    path = LAYERS[model.config.model_type]
+    n_layers = len(layers(model))
+    owner, _, name = path.rpartition(".")
+    dmap = {}
+    for child, _ in model.get_submodule(owner).named_children():  # embeddings, norm, rotary_emb ...
+        if child != name:
+            dmap[f"{owner}.{child}"] = near
+    dmap.update({f"{path}.{i}": near if i < n_layers // 2 else "disk" for i in range(n_layers)})
+    for child, _ in model.named_children():  # lm_head (OpenELM's tied head is no module)
+        if child != owner:
+            dmap[child] = near
+    return dmap
 
 
 def offload(model, how, tmp_path):
     accelerate = need("accelerate")
     if how == "disk":
         # force_hooks: the CPU part gets accelerate's hooks too (on a CPU-only machine it would not)
-        accelerate.dispatch_model(model, device_map(model.config.num_hidden_layers), main_device="cpu",
-                                  offload_dir=str(tmp_path), force_hooks=True)
+        accelerate.dispatch_model(
+            model, device_map(model), main_device="cpu", offload_dir=str(tmp_path), force_hooks=True
+        )
     else:
         accelerate.cpu_offload(model, execution_device="cpu")  # every weight on meta, streamed from CPU
     return model
 
 
 def _steer(model):
-    return [(f"blocks.{last(model)}.hook_resid_post", add_vector(steering_vector(model.cfg.d_model)))]
+    return [(f"blocks.{last(model)}.hook_resid_post", add_vector(steering_vector(model.config.model_type)))]
+
+
+#: architectures whose tied head is a functional matmul with the embedding weight, read outside the
+#: embedding's forward: accelerate's cpu_offload, which streams each module's weights in for that
+#: module's own forward, leaves it on meta there, and the matmul returns uninitialised memory: the
+#: offloaded model's logits are not the model's, with or without tlshim (the hook points, all inside
+#: module forwards, still see the model's activations)
+FUNCTIONAL_HEAD = {"openelm"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,21 +91,30 @@ def not_offloaded(arch, device="cpu"):
     ids = prompts(arch, [10])[0][None].to(device)
     with torch.no_grad():
         logits, cache = model.run_with_cache(ids, names_filter=ALL)
+        with model.hooks(fwd_hooks=_steer(model)):
+            _, steered_final = model.run_with_cache(ids, names_filter="ln_final.hook_normalized")
+        own_logits = model(ids).logits  # with the model's own attention kernel (OpenELM: its sdpa call)
     with model.hooks(fwd_hooks=_steer(model)):
         steered = greedy(model, ids, new=5)
-    return ids, logits, cache, steered, greedy(model, ids, new=5)[0]
+    return ids, logits, cache, steered, greedy(model, ids, new=5)[0], steered_final, own_logits
 
 
-def _check_offloaded(model, arch, device="cpu"):
+def _check_offloaded(model, arch, device="cpu", head_offloaded=False):
     assert accelerate_hooked(model)
-    ids, ref_logits, ref_cache, ref_steered, ref_plain = not_offloaded(arch, device)
+    ids, ref_logits, ref_cache, ref_steered, ref_plain, ref_steered_final, _ = not_offloaded(arch, device)
     with torch.no_grad():
         logits, cache = model.run_with_cache(ids, names_filter=ALL)
     assert f"blocks.{last(model)}.attn.hook_result" in cache
-    assert torch.equal(logits, ref_logits)
     assert list(cache.keys()) == list(ref_cache.keys())
     for name in ref_cache.keys():  # hook_result of an offloaded layer included: it reads the live W_O
         assert torch.equal(cache[name], ref_cache[name]), name
+    with torch.no_grad(), model.hooks(fwd_hooks=_steer(model)):  # the steering acts inside the offloaded model
+        _, steered_final = model.run_with_cache(ids, names_filter="ln_final.hook_normalized")
+    assert torch.equal(steered_final["ln_final.hook_normalized"], ref_steered_final["ln_final.hook_normalized"])
+    if head_offloaded:  # what the head reads is on meta: its logits are no values to compare
+        assert model.get_input_embeddings().weight.is_meta, "accelerate now feeds the functional head: test it fully"
+        return ids
+    assert torch.equal(logits, ref_logits)
 
     with model.hooks(fwd_hooks=_steer(model)):
         steered = greedy(model, ids, new=5)
@@ -91,60 +123,91 @@ def _check_offloaded(model, arch, device="cpu"):
     # them may round its last bit differently (seen with plain accelerate on the cached steps too)
     torch.testing.assert_close(steered[1], ref_steered[1], rtol=1e-5, atol=1e-5)
     assert not torch.equal(steered[0], ref_plain)
-    return ids, ref_logits
+    return ids
 
 
-@pytest.mark.parametrize(
-    "order, how", [("install_first", "disk"), ("dispatch_first", "disk"), ("dispatch_first", "cpu_offload")]
-)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, order, how", [
+    (arch, order, how) for arch in ARCHS
+    for order, how in [("install_first", "disk"), ("dispatch_first", "disk"), ("dispatch_first", "cpu_offload")]
+    if arch in ALL_VARIANTS or how == "disk"
+])
 def test_offloaded_model_installs_and_hooks_fire(arch, order, how, tmp_path):
     model = fixture(arch)
     if order == "install_first":
         offload(tlshim.install(model), how, tmp_path)
     else:
         tlshim.install(offload(model, how, tmp_path))
-    ids, ref_logits = _check_offloaded(model, arch)
+    head_offloaded = how == "cpu_offload" and arch in FUNCTIONAL_HEAD
+    ids = _check_offloaded(model, arch, head_offloaded=head_offloaded)
 
     tlshim.uninstall(model)  # accelerate's hooks stay and keep working
     assert accelerate_hooked(model)
+    if head_offloaded:  # the plain offloaded model's head reads a meta weight as well
+        assert model.get_input_embeddings().weight.is_meta
+        return
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref_logits)
+        assert torch.equal(model(ids).logits, not_offloaded(arch)[-1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a device_map spanning GPU and CPU)")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_device_map_spanning_gpu_and_cpu(arch, tmp_path):
     model = fixture(arch)
-    dmap = device_map(model.config.num_hidden_layers, near=0)
-    dmap["model.layers.1"] = "cpu"  # offloaded to CPU: streamed to the GPU at each forward
+    dmap = device_map(model, near=0)
+    dmap[f"{LAYERS[arch]}.1"] = "cpu"  # offloaded to CPU: streamed to the GPU at each forward
     need("accelerate").dispatch_model(model, dmap, main_device="cuda", offload_dir=str(tmp_path))
     tlshim.install(model)
     _check_offloaded(model, arch, "cuda")
 
 
+#: the modules LoRA adapts: the query and value projections (OpenELM's are fused into qkv_proj)
+LORA_TARGETS = {"openelm": ["qkv_proj"]}
+
+
 def lora(model):
     peft = need("peft")
+    targets = LORA_TARGETS.get(model.config.model_type, ["q_proj", "v_proj"])
     # init_lora_weights=False: a non-zero B, so the LoRA delta is there to be seen
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, lora_dropout=0.0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, lora_dropout=0.0)
     torch.manual_seed(1)
     return peft.get_peft_model(model, config)
 
 
+def _q_proj(arch, layer):
+    """The decoder layer's (LoRA-adapted) module that computes the queries."""
+    return layer.attn.qkv_proj if arch == "openelm" else layer.self_attn.q_proj
+
+
+def _q_and_v(config, layer, x, base=False):
+    """Queries and values of ``x`` [batch, pos, d_model] by the layer's own modules, flat over heads:
+    through the LoRA layers (base + delta), or their base layers only."""
+    def run(proj):
+        return (proj.base_layer if base else proj)(x)
+
+    if config.model_type == "openelm":  # all query heads, then key heads, then value heads
+        attn = layer.attn
+        q, _, v = run(attn.qkv_proj).split(
+            [n * attn.head_dim for n in (attn.num_q_heads, attn.num_k_heads, attn.num_v_heads)], dim=-1)
+        return q, v
+    q, v = run(layer.self_attn.q_proj), run(layer.self_attn.v_proj)
+    clip = getattr(config, "clip_qkv", None)  # OLMo clamps q, k and v
+    return (q, v) if clip is None else (q.clamp(-clip, clip), v.clamp(-clip, clip))
+
+
 def _check_adapted(adapted, plain_adapted, ids):
     """hook_q / hook_v are the LoRA layers' outputs (base + delta); logits and generate unchanged."""
+    config = adapted.get_base_model().config
+    names = None if exact_kernel(config.model_type) else own_kernel_names  # logits of the model's own kernel
     with torch.no_grad():
-        logits, cache = adapted.run_with_cache(ids)
+        logits, cache = adapted.run_with_cache(ids, names_filter=names)
         assert torch.equal(logits, plain_adapted(ids).logits)
-        for i, layer in enumerate(adapted.get_base_model().model.layers):
+        for i, layer in enumerate(layers(adapted.get_base_model())):
             x = cache[f"blocks.{i}.ln1.hook_normalized"]
-            q_proj = layer.self_attn.q_proj
-            want = q_proj(x).view(cache[f"blocks.{i}.attn.hook_q"].shape)
-            assert torch.equal(cache[f"blocks.{i}.attn.hook_q"], want)
-            assert not torch.equal(want, q_proj.base_layer(x).view(want.shape)), "the LoRA delta must show"
-            v_proj = layer.self_attn.v_proj
-            assert torch.equal(cache[f"blocks.{i}.attn.hook_v"], v_proj(x).view(cache[f"blocks.{i}.attn.hook_v"].shape))
-    hooks = [(f"blocks.1.hook_resid_post", add_vector(steering_vector(adapted.cfg.d_model)))]
+            hook_q, hook_v = cache[f"blocks.{i}.attn.hook_q"], cache[f"blocks.{i}.attn.hook_v"]
+            q, v = _q_and_v(config, layer, x)
+            assert torch.equal(hook_q, q.view(hook_q.shape)) and torch.equal(hook_v, v.view(hook_v.shape))
+            assert not torch.equal(q, _q_and_v(config, layer, x, base=True)[0]), "the LoRA delta must show"
+    hooks = [(f"blocks.1.hook_resid_post", add_vector(steering_vector(config.model_type)))]
     with adapted.hooks(fwd_hooks=hooks):
         steered = greedy(adapted, ids, new=6)[0]
     assert not torch.equal(steered, greedy(plain_adapted, ids, new=6)[0])
@@ -163,7 +226,7 @@ def test_install_on_peft_model_then_uninstall_and_merge(arch):
     tlshim.uninstall(adapted)
     assert not tlshim.is_installed(adapted)
     merged = adapted.merge_and_unload()
-    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(_q_proj(arch, layers(merged)[0])) is torch.nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, plain_adapted(ids).logits, rtol=1e-5, atol=1e-4)
 
@@ -179,13 +242,15 @@ def test_adapt_installed_model_then_merge_while_installed(arch):
     merged = adapted.merge_and_unload()  # LoRA layers replaced by merged nn.Linear: hooks follow them
     assert tlshim.is_installed(merged)
     with torch.no_grad():
-        logits, cache = merged.run_with_cache(ids)
+        logits, cache = merged.run_with_cache(ids, names_filter=None if exact_kernel(arch) else own_kernel_names)
         torch.testing.assert_close(logits, plain_adapted(ids).logits, rtol=1e-5, atol=1e-4)
-        attn = merged.model.layers[0].self_attn
+        layer = layers(merged)[0]
         x = cache["blocks.0.ln1.hook_normalized"]
-        assert torch.equal(cache["blocks.0.attn.hook_q"], attn.q_proj(x).view(cache["blocks.0.attn.hook_q"].shape))
+        hook_q = cache["blocks.0.attn.hook_q"]
+        assert torch.equal(hook_q, _q_and_v(merged.config, layer, x)[0].view(hook_q.shape))
     tlshim.uninstall(merged)
-    assert not any(key.startswith("hook_") for key in vars(merged.model.layers[0].self_attn))
+    assert not any(key.startswith("hook_") for key in vars(_q_proj(arch, layer)))
+    assert not any(key.startswith("hook_") for key in vars(layer.attn if arch == "openelm" else layer.self_attn))
 
 
 @pytest.mark.parametrize("arch", ARCHS[:1])
@@ -199,7 +264,7 @@ def test_hook_live_while_accelerate_adds_and_removes_its_hooks(arch, tmp_path):
     seen = []
     model.add_hook(name, lambda t, hook: seen.append(t.shape))
     offload(model, "disk", tmp_path)
-    layer = model.model.layers[last(model)]
+    layer = layers(model)[last(model)]
     with torch.no_grad():
         logits = model(ids).logits
     assert len(seen) == 1

@@ -4,14 +4,20 @@
 import filecmp
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 import tlshim
 
-from dropin import ARCHS, add_to_layer_output, add_vector, fixture, greedy, prompts, steering_vector, tokenizer
+from dropin import (
+    ARCHS, add_to_layer_output, add_vector, at_layer, checkpoint_dir, fixture, greedy, layers, load, prompts,
+    static_cache, steering_vector, tokenizer,
+)
+from models import TF_VERSION
 
 LAYER = 1
 
@@ -30,14 +36,15 @@ def test_text_generation_pipeline_runs_hooks(arch):
         generated = pipe(text, **kwargs)[0]["generated_text"]
     assert generated == plain_pipe(text, **kwargs)[0]["generated_text"]
     n_prompt = len(tok(text)["input_ids"])
-    h = model.cfg.n_heads
-    assert shapes == [(1, h, n_prompt, n_prompt)] + [(1, h, 1, n_prompt + i) for i in range(1, 6)]
+    h = at_layer(model.cfg.n_heads, LAYER)
+    keys = [n_prompt + 6] * 6 if static_cache(model) else [n_prompt + i for i in range(6)]
+    assert shapes == [(1, h, n_prompt, keys[0])] + [(1, h, 1, keys[i]) for i in range(1, 6)]
 
     # an edit made through tlshim inside the pipeline equals the same edit as a plain torch hook
-    vector = steering_vector(model.cfg.d_model)
+    vector = steering_vector(arch)
     with model.hooks(fwd_hooks=[(f"blocks.{LAYER}.hook_resid_post", add_vector(vector))]):
         steered = pipe(text, **kwargs)[0]["generated_text"]
-    handle = plain.model.layers[LAYER].register_forward_hook(add_to_layer_output(vector))
+    handle = layers(plain)[LAYER].register_forward_hook(add_to_layer_output(vector))
     try:
         assert steered == plain_pipe(text, **kwargs)[0]["generated_text"]
     finally:
@@ -62,8 +69,17 @@ def test_save_pretrained_is_byte_identical_and_reloads(arch, tmp_path):
     plain.save_pretrained(tmp_path / "plain")
     names = _same_files(tmp_path / "installed", tmp_path / "plain")
     assert "config.json" in names and any(name.endswith(".safetensors") for name in names)
+    if "auto_map" in json.loads((tmp_path / "plain" / "config.json").read_text()):  # remote code: its files too
+        source = checkpoint_dir(arch)
+        for name in sorted(p.name for p in source.glob("*.py")):
+            if name not in names:
+                # transformers before 4.57 registers no auto class on the remote model class: its save
+                # copies the config's file only, with or without tlshim, and the user copies the rest
+                assert name == "modeling_openelm.py" and TF_VERSION < Version("4.57"), name
+                shutil.copyfile(source / name, tmp_path / "installed" / name)
+            assert (tmp_path / "installed" / name).read_bytes() == (source / name).read_bytes(), name
 
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "installed", attn_implementation="eager")
+    reloaded = load(tmp_path / "installed")  # remote code (OpenELM): with tlshim's loading fixes
     assert type(reloaded).__name__ == type(plain).__name__
     tlshim.install(reloaded.eval())
     with torch.no_grad():

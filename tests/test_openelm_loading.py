@@ -41,14 +41,6 @@ HEAD_DIM, VOCAB, CONTEXT, ROPE_LEN = 16, 256, 64, 128
 NO_WARN = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def modules_cache(tmp_path_factory):
-    # dynamic modules go to a private cache, not ~/.cache/huggingface/modules
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return save_openelm(tmp_path_factory.mktemp("ckpt") / "openelm", seed=0)
@@ -394,3 +386,41 @@ def test_bfloat16_checkpoint(tmp_path, input_ids):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     expected = build_openelm_in_memory(seed=3, torch_dtype="bfloat16")(input_ids, use_cache=False).logits
     assert torch.equal(model(input_ids).logits, expected)
+
+
+@NO_WARN
+@torch.no_grad()
+def test_a_second_load_can_generate_too(folder, loaded, input_ids, tmp_path):
+    # From some 5.x after 5.0 on, the auto class registers the remote class without the GenerationMixin it
+    # gives the first load's class, and loads that registered class the next time: no generate.
+    second = tlshim.from_pretrained(folder, install=False)
+    assert type(second).__name__ == type(loaded).__name__ and type(second).__module__ == type(loaded).__module__
+    assert second.generation_config.to_dict() == loaded.generation_config.to_dict()
+    prompt = input_ids[:, :5]
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert torch.equal(second.generate(prompt, **kwargs), loaded.generate(prompt, **kwargs))
+    loaded.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second")  # the same files, config.json's architectures included
+    names = sorted(p.name for p in (tmp_path / "first").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "second").iterdir())
+    for name in names:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+    tlshim.install(second)
+    assert torch.equal(second.generate(prompt, **kwargs), loaded.generate(prompt, **kwargs))
+    tlshim.uninstall(second)
+    assert type(second).__name__ == "OpenELMForCausalLM" and hasattr(second, "generate")
+
+
+@NO_WARN
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_trains_like_no_checkpointing(folder, reference, input_ids, reentrant):
+    # use_cache stays on in the config: v4 code turns it off under checkpointing before making a cache,
+    # and the cache P7 hands in must not appear there (the layers would be rerun against a filled cache)
+    model = tlshim.from_pretrained(folder, install=False).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model(input_ids, labels=input_ids).loss.backward()
+    twin = copy.deepcopy(reference).train()
+    twin(input_ids, labels=input_ids, use_cache=False).loss.backward()
+    grads = dict(twin.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, grads[name].grad), name

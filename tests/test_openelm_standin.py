@@ -60,14 +60,8 @@ GENERIC_NAMES = (
 
 @pytest.fixture(scope="module")
 def openelm_dir(tmp_path_factory):
-    # Dynamic modules go to a private cache, not ~/.cache/huggingface/modules.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(
-            dynamic_module_utils,
-            "HF_MODULES_CACHE",
-            str(tmp_path_factory.mktemp("hf_modules")),
-        )
-        yield save_openelm(tmp_path_factory.mktemp("ckpt") / "openelm", seed=0)
+    # dynamic modules go to the session's private cache (conftest.py), not ~/.cache/huggingface/modules
+    return save_openelm(tmp_path_factory.mktemp("ckpt") / "openelm", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,10 @@ for v4 (Apple's OpenELM is the reference case; the P numbers are those of OPENEL
   model's modules the dict form, as instance attributes.
 * P9 (4.56+): ``generate`` reads ``config.num_hidden_layers``. ``finish_loading`` sets it on the model's
   config (the number of blocks).
+* No ``generate`` on a second load (5.x after 5.0, seen on 5.12 and 5.23; not in OPENELM.md): an auto
+  class adds ``GenerationMixin`` to a remote class that defines ``prepare_inputs_for_generation``, but
+  registers the class without it, and loads that registered class from then on. ``finish_loading``
+  gives such a model a per-instance subclass with the mixin, as the first load's class has.
 
 ``loading()`` patches only while it is open and then puts every patched object back (the very same
 objects); every other fix is made on one model and never on a class. Only custom-code classes are
@@ -315,7 +319,8 @@ def finish_loading(model, check_weights=True):
 
     Repairs its buffers (``repair_buffers``) and, where the installed transformers needs it: puts
     ``config.use_cache`` back (P2), lets its forward take ``use_cache`` with no cache object (P7), gives its
-    modules the dict form of ``_tied_weights_keys`` (P8) and its config ``num_hidden_layers`` (P9).
+    modules the dict form of ``_tied_weights_keys`` (P8) and its config ``num_hidden_layers`` (P9), and
+    gives back ``generate`` to a remote-code model loaded without it (``_generation_mixin``).
     Returns the names ``repair_buffers`` repaired. Idempotent. Built-in transformers models are left alone.
     """
     from .install import hf_model
@@ -338,7 +343,48 @@ def finish_loading(model, check_weights=True):
         _add_cache_pre_hooks(model)
     if version >= _v("5.0.0"):  # P8
         _dict_tied_weights_keys(model)
+    _generation_mixin(model)
     return repaired
+
+
+_GENERATIVE = weakref.WeakKeyDictionary()
+
+
+def _generation_mixin(model):
+    """``generate`` for a remote-code model whose class lost it. From 4.50 ``PreTrainedModel`` no longer
+    inherits ``GenerationMixin``; an auto class adds it to a remote class that defines its own
+    ``prepare_inputs_for_generation`` (v4-era code such as OpenELM), but registers the class without it,
+    and in 5.x after 5.0 the next auto load of the same code takes that registered class: a model with no
+    ``generate``, that ``pipeline`` refuses. The model (not its class) gets a subclass with the mixin,
+    keeping the name, module and qualname (``save_pretrained`` writes the same ``architectures`` and
+    copies the same remote files). A model tlshim is installed on is left as it is."""
+    try:
+        from transformers import GenerationMixin
+    except ImportError:
+        return
+    cls = type(model)
+    if "_tlshim_base" in vars(cls) or issubclass(cls, GenerationMixin) or not _is_custom(cls):
+        return
+    if not any("prepare_inputs_for_generation" in vars(klass) for klass in cls.__mro__ if _is_custom(klass)):
+        return
+    if cls not in _GENERATIVE:
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+        _GENERATIVE[cls] = type(cls.__name__, (cls, GenerationMixin), namespace)
+    model.__class__ = _GENERATIVE[cls]
+    if getattr(model, "generation_config", None) is None:  # what from_pretrained loads for a generative class
+        from transformers import GenerationConfig
+
+        root = getattr(model.config, "_name_or_path", "") or ""
+        found = _checkpoint_file(root, "generation_config.json")
+        config_json = _checkpoint_file(root, "config.json")
+        if found:
+            model.generation_config = GenerationConfig.from_pretrained(os.path.dirname(found))
+        elif config_json:  # as from_pretrained does without a generation_config.json
+            model.generation_config = GenerationConfig.from_pretrained(
+                os.path.dirname(config_json), config_file_name="config.json", _from_model_config=True
+            )
+        else:
+            model.generation_config = GenerationConfig.from_model_config(model.config)
 
 
 def _post_init_owner(cls):
@@ -485,6 +531,10 @@ def _cache_pre_hook(module, args, kwargs):
     past, index = get("past_key_values")
     if not use_cache or isinstance(past, Cache):
         return None
+    if past is None and module.training and _checkpointing(module):
+        # v4 code turns use_cache off under gradient checkpointing before it makes a cache; a cache handed
+        # in would still be filled, and filled again when checkpointing reruns the layers
+        return None
     cache = DynamicCache()
     for layer_idx, layer in enumerate(past or ()):
         cache.update(layer[0], layer[1], layer_idx)
@@ -493,6 +543,10 @@ def _cache_pre_hook(module, args, kwargs):
     else:
         kwargs = {**kwargs, "past_key_values": cache}
     return args, kwargs
+
+
+def _checkpointing(module) -> bool:
+    return any(getattr(sub, "gradient_checkpointing", False) is True for sub in module.modules())
 
 
 def _dict_tied_weights_keys(model):

@@ -53,8 +53,10 @@ def join_steps(name, steps):
 
     Step t (0 = the prompt) ends at position ``prompt_len + t``; it covers its last ``p`` positions
     (all of them without a KV cache, where a later step overwrites an earlier one with the same
-    values). Attention (b h p k) is placed by rows and columns; keys a step could not see yet get
-    what the causal mask gives a no-cache run: 0 in pattern, the dtype's minimum in scores.
+    values). Attention (b h p k) is placed by rows and columns: its k keys are positions 0 .. k - 1
+    when they reach the step's last position (a static cache's slots past it are masked and dropped),
+    else the last k positions up to it (a sliding-window cache keeps only those). Keys a step could
+    not see get what the masks give a no-cache run: 0 in pattern, the dtype's minimum in scores.
     """
     attn = name.endswith(_ATTN)
     axis = 2 if attn else 1
@@ -73,7 +75,12 @@ def join_steps(name, steps):
         end = prompt_len + t
         start = end - step.shape[axis]
         if attn:
-            out[:, :, start:end, : step.shape[3]] = step
+            keys = step.shape[3]
+            if keys >= end:  # every key from position 0 (a static cache: and unused slots after)
+                width = min(keys, total)
+                out[:, :, start:end, :width] = step[..., :width]
+            else:  # a sliding-window cache: the last keys only
+                out[:, :, start:end, end - keys : end] = step
         else:
             out[:, start:end] = step
     return out
@@ -89,9 +96,10 @@ def record_generation(model, names_filter=None, device=None):
     For each name the record holds one tensor over the prompt and the generated tokens, as
     ``run_with_cache`` on the final sequence would give it (up to float rounding: the cached steps
     multiply smaller matrices). ``generate`` never runs the token it samples last, so the positions
-    are those of ``out[:, :-1]``. Works with and without a KV cache (``use_cache=False``), for greedy
-    search and sampling, left-padded batches included; one ``generate`` call per block (beam search
-    and assisted decoding reorder or batch steps and are not supported). Other hooks may be active too.
+    are those of ``out[:, :-1]``. Works with and without a KV cache (``use_cache=False``; dynamic,
+    sliding-window and static caches), for greedy search and sampling, left-padded batches included;
+    one ``generate`` call per block (beam search and assisted decoding reorder or batch steps and are
+    not supported). Other hooks may be active too.
 
     >>> with tlshim.record_generation(model, ["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"]) as rec:
     ...     out = model.generate(ids, max_new_tokens=8, do_sample=False)
