@@ -38,7 +38,9 @@ head matters):
 4. Stages, where an architecture's quirk stops the circuit from forming (``STAGES``):
    SmolLM3's last layer becomes NoPE after 300 steps with rotary; OpenELM trains its first
    300 steps with the q/k norms bypassed, then with them restored and on packed repeats
-   (periods down to 2, ``make_packed_batch``), which leave no circuit but the induction one.
+   (periods down to 2, ``make_packed_batch``), which only the previous-token circuit serves.
+   OpenELM's head is the least clean of the five: induction score 0.66 (the others 0.95-0.98),
+   and ablating it still drops the repeated-half accuracy from 1.0 to 0.02.
 
 Definitions (sequence length 49, bos at 0, first copy at 1..24, second copy at 25..48):
 
@@ -174,7 +176,7 @@ def drop_rope_in_last_layer(model, hp: dict) -> None:
     """Make SmolLM3's last layer NoPE, in the module and in the config that is saved.
 
     Trained NoPE from the start, the last layer learns a copying circuit that is not an
-    induction head: layer 0 attends a fixed 7-8 positions back and layer 1 matches on that,
+    induction head: layer 0 attends a fixed 7 to 9 positions back and layer 1 matches on that,
     which the training periods (>= 8) allow. Learned with rotary first, the induction head
     matches on content alone and survives the switch; training goes on with NoPE.
     """
@@ -210,17 +212,18 @@ def build_openelm(common: dict):
     _, modeling = load_standin()
     model = modeling.OpenELMForCausalLM(config)
     # The stand-in starts from OpenELM's OPT-style init (embeddings at std 1/sqrt(model_dim), tied
-    # to the unembedding), from which this recipe does not learn to copy in 1000 steps. Redrawn
-    # at std initializer_range, as every other architecture here starts, it learns like Llama.
+    # to the unembedding); redrawn at std initializer_range, it starts as every other model here,
+    # which is where this recipe was tuned.
     model.apply(model._init_weights)
     return model
 
 
 def bypass_qk_norms(model, hp: dict) -> None:
     """Train OpenELM's attention without its q/k RMSNorms at first (forward hooks return their
-    input). With them on from the start this recipe does not learn to copy in 3000 steps: the
-    normalised q and k cap every attention logit at 4 * w_q * w_k, and no seed we tried grew
-    the norm weights out of that."""
+    input). With them on from the start this recipe did not learn to copy (repeated-half
+    accuracy 0.12 after 3000 steps for seed 0, at most 0.13 after 600 for seeds 1-4): the
+    normalised q and k cap every attention logit at 4 * w_q * w_k. Without them it copies after
+    300 steps (accuracy 0.94-1.0 for seeds 0-3)."""
     hp["qk_bypass"] = [
         module.register_forward_hook(lambda module, args, out: args[0])
         for name, module in model.named_modules()
