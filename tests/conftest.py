@@ -1,7 +1,11 @@
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# scripts/test.sh runs two tox envs at once on two cores and sets OMP_NUM_THREADS=1: one torch
+# thread per pytest process then, not two each (oversubscribed small matmuls run slower).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 
 @pytest.fixture(scope="session", autouse=True)
