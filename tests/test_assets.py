@@ -65,3 +65,14 @@ def test_asset_copies_repeated_half_without_tlshim(arch):
     # and the installed model gives the very same logits
     with torch.no_grad():
         assert torch.equal(tlshim.install(model)(ids).logits, logits)
+
+
+def test_openelm_asset_ships_the_tested_standin_code():
+    """The remote code beside the shipped OpenELM weights is the stand-in the test suite checks."""
+    try:
+        from tests.fixtures.openelm_fixture import STANDIN_DIR, STANDIN_FILES
+    except ImportError:  # tests/ itself on sys.path
+        from fixtures.openelm_fixture import STANDIN_DIR, STANDIN_FILES
+    folder = _folder("openelm")
+    for name in STANDIN_FILES:
+        assert (folder / name).read_bytes() == (STANDIN_DIR / name).read_bytes(), name
