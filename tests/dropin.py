@@ -37,10 +37,6 @@ ARCHS = [*DROPIN_ARCHS, "openelm"]
 ASSETS = Path(os.environ.get("TLSHIM_ASSETS") or Path(tlshim.__file__).parent / "assets")
 SPECIALS = ["<bos>", "<eos>", "<pad>", "<unk>"]
 BOS, EOS, PAD = 0, 1, 2
-#: the architectures the costliest variants (every gradient-checkpointing mode, every kind of offload) run
-#: on: the Llama family, and OpenELM whose remote code takes other paths; Gemma2, OLMo and SmolLM3 share
-#: the Llama family's decoder-layer and offload machinery and run the main variants only
-ALL_VARIANTS = ("llama", "mistral", "qwen2", "qwen3", "openelm")
 #: where each architecture keeps its decoder layers (the plain torch hooks of the references go there)
 LAYERS = {arch: "model.layers" for arch in ARCHS}
 LAYERS["openelm"] = "transformer.layers"

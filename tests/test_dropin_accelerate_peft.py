@@ -11,11 +11,13 @@ import functools
 
 import pytest
 import torch
+from packaging.version import Version
 
 import tlshim
+from models import TF_VERSION
 
 from dropin import (
-    ALL_VARIANTS, ARCHS, LAYERS, add_vector, exact_kernel, fixture, greedy, layers, own_kernel_names, prompts,
+    ARCHS, LAYERS, add_vector, exact_kernel, fixture, greedy, layers, own_kernel_names, prompts,
     steering_vector,
 )
 
@@ -129,10 +131,17 @@ def _check_offloaded(model, arch, device="cpu", head_offloaded=False):
 @pytest.mark.parametrize("arch, order, how", [
     (arch, order, how) for arch in ARCHS
     for order, how in [("install_first", "disk"), ("dispatch_first", "disk"), ("dispatch_first", "cpu_offload")]
-    if arch in ALL_VARIANTS or how == "disk"
 ])
 def test_offloaded_model_installs_and_hooks_fire(arch, order, how, tmp_path):
     model = fixture(arch)
+    if arch == "gemma2" and how == "cpu_offload" and TF_VERSION < Version("4.53"):
+        # transformers 4.48's Gemma2 builds its HybridCache from a parameter's dtype and device in the
+        # forward, and reads a meta tensor under cpu_offload: the plain model fails, the installed one alike
+        ids = prompts(arch, [10])[0][None]
+        for m in (tlshim.install(offload(model, how, tmp_path)), offload(fixture(arch), how, tmp_path)):
+            with pytest.raises(RuntimeError, match="meta tensors"), torch.no_grad():
+                m(ids)
+        return
     if order == "install_first":
         offload(tlshim.install(model), how, tmp_path)
     else:

@@ -6,7 +6,7 @@ import torch
 import tlshim
 
 from dropin import (
-    ALL_VARIANTS, ARCHS, add_to_layer_output, add_vector, assert_close_to_scale, at_layer, exact_kernel, fixture,
+    ARCHS, add_to_layer_output, add_vector, assert_close_to_scale, at_layer, exact_kernel, fixture,
     layers, own_kernel_names, prompts, steering_vector,
 )
 
@@ -20,7 +20,6 @@ def _layer_output(out):
 
 @pytest.mark.parametrize("arch, checkpointing", [
     (arch, mode) for arch in ARCHS for mode in (None, "non_reentrant", "reentrant")
-    if arch in ALL_VARIANTS or mode != "reentrant"
 ])
 def test_training_backward_hooks_and_incl_bwd_give_plain_gradients(arch, checkpointing):
     model, plain = tlshim.install(fixture(arch)), fixture(arch)
