@@ -27,6 +27,7 @@ try:
         build_openelm_in_memory,
         load_standin,
         save_openelm,
+        tolerant_post_init,
     )
 except ImportError:  # tests/ itself on sys.path (pytest's default rootdir-less import mode)
     from fixtures.openelm_fixture import (
@@ -34,6 +35,7 @@ except ImportError:  # tests/ itself on sys.path (pytest's default rootdir-less 
         build_openelm_in_memory,
         load_standin,
         save_openelm,
+        tolerant_post_init,
     )
 
 TF = Version(transformers.__version__)
@@ -306,23 +308,6 @@ def _dynamic_classes(folder):
 
 
 @contextlib.contextmanager
-def _tolerant_post_init(config_cls):
-    # OPENELM.md P1 workaround, scoped: run the base __post_init__(**extras), then the original.
-    base = next(vars(k)["__post_init__"] for k in config_cls.__mro__[1:] if "__post_init__" in vars(k))
-    original = vars(config_cls)["__post_init__"]
-
-    def __post_init__(self, **extras):
-        base(self, **extras)
-        original(self)
-
-    config_cls.__post_init__ = __post_init__
-    try:
-        yield
-    finally:
-        config_cls.__post_init__ = original
-
-
-@contextlib.contextmanager
 def _meta_tolerant_rope(modeling):
     # OPENELM.md P3 workaround, scoped: let the eager sin/cos build fail quietly on meta tensors.
     rope_cls = modeling.OpenELMRotaryEmbedding
@@ -348,7 +333,7 @@ def test_v5_unpatched_load_fails(openelm_dir):
         with pytest.raises(TypeError, match=r"__post_init__\(\) got an unexpected keyword argument"):
             AutoModelForCausalLM.from_pretrained(openelm_dir, trust_remote_code=True)
         config_cls, _ = _dynamic_classes(openelm_dir)
-        context = _tolerant_post_init(config_cls)
+        context = tolerant_post_init(config_cls)
     else:
         context = contextlib.nullcontext()
     # P3: construction runs under torch.device("meta"); the eager RoPE table build cannot copy to CPU.
@@ -360,7 +345,7 @@ def test_v5_unpatched_load_fails(openelm_dir):
 @torch.no_grad()
 def test_v5_load_with_workarounds(openelm_dir, reference, input_ids):
     config_cls, modeling = _dynamic_classes(openelm_dir)
-    post_init = _tolerant_post_init(config_cls) if STRICT_DATACLASS_CONFIG else contextlib.nullcontext()
+    post_init = tolerant_post_init(config_cls) if STRICT_DATACLASS_CONFIG else contextlib.nullcontext()
     with post_init, _meta_tolerant_rope(modeling) as compute_sin_cos:
         model = AutoModelForCausalLM.from_pretrained(openelm_dir, trust_remote_code=True).eval()
 
