@@ -344,14 +344,14 @@ def copy_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][seen], ids[:, 1:][seen])
 
 
-def head_slice_hook(keep: int, head_dim: int, zero: bool):
-    """o_proj pre-hook zeroing one head's input slice (``zero``) or every slice but that one."""
+def head_slice_hook(keep: int, head_dim: int):
+    """o_proj pre-hook zeroing every head's input slice but that of head ``keep``."""
 
     def hook(module, args):
         (x,) = args
         mask = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
         mask[keep * head_dim : (keep + 1) * head_dim] = 1
-        return (x * (1 - mask) if zero else x * mask,)
+        return (x * mask,)
 
     return hook
 
@@ -366,7 +366,7 @@ def train(arch: str, **overrides) -> transformers.PreTrainedModel:
     # others keep their initial weights. Left free, all four heads learn the same induction
     # pattern and no single ablation changes the output, which makes a useless fixture.
     handle = o_proj(model, last).register_forward_pre_hook(
-        head_slice_hook(hp["head"], model.config.head_dim, zero=False)
+        head_slice_hook(hp["head"], model.config.head_dim)
     )
     data_gen = torch.Generator().manual_seed(hp["seed"] + 1)
     eval_ids = make_batch(64, torch.Generator().manual_seed(hp["seed"] + 2))
