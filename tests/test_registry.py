@@ -1,5 +1,6 @@
 """Meta-tests: every patch module is registered, ranges never overlap, selection follows the version."""
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -10,7 +11,7 @@ import tlshim
 from tlshim import registry
 
 PATCHES = pathlib.Path(__file__).resolve().parent.parent / "patches"
-PROBES = [Version(v) for v in ("4.47.1", "4.48.0", "4.50.3", "4.53.0", "5.0.0", "5.3.9", "5.4.0", "5.23.0", "5.99.0", "6.0.0")]
+PROBES = [Version(v) for v in ("4.47.1", "4.48.0", "4.50.3", "4.53.0", "5.0.0", "5.3.9", "5.4.0", "5.23.0", "5.23.9", "5.24.0", "5.99.0", "6.0.0")]
 
 
 def test_every_patch_folder_is_registered_and_every_module_has_a_spec():
@@ -28,13 +29,24 @@ def test_ranges_of_one_architecture_never_overlap(model_type):
         assert sum(version in r for r in ranges) <= 1, (model_type, version)
     assert all(Version("4.47.1") not in r for r in ranges), "the support floor is 4.48"
     assert any(Version("5.23.0") in r for r in ranges)
+    assert any(Version("5.24.0") in r for r in ranges)
 
 
 def test_selection_follows_the_installed_version():
     assert registry.spec_in_range("gemma2", Version("5.3.0"))[0].endswith("gemma2.v4_48")
     assert registry.spec_in_range("gemma2", Version("5.4.0"))[0].endswith("gemma2.v5_4")
+    assert registry.spec_in_range("gemma2", Version("5.24.0"))[0].endswith("gemma2.v5_24")
     assert registry.spec_in_range("smollm3", Version("4.52.4")) is None
     assert registry.spec_in_range("llama", Version("4.47.1")) is None
+
+
+@pytest.mark.parametrize("model_type", [m for m in registry.ARCHITECTURES if m != "openelm"])
+def test_the_cache_keyword_follows_the_5_24_rename(model_type):
+    """5.24 hands attention its KV cache as `cache`; before, as past_key_values (past_key_value to 4.55)."""
+    before = registry.spec_in_range(model_type, Version("5.23.0"))[1]
+    after = registry.spec_in_range(model_type, Version("5.24.0"))[1]
+    assert set(before.cache_kwargs) == {"past_key_values", "past_key_value"} and after.cache_kwargs == ("cache",)
+    assert dataclasses.replace(after, versions=before.versions, cache_kwargs=before.cache_kwargs) == before
 
 
 def test_supported_reports_every_architecture_and_doctor_prints_it():

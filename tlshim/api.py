@@ -25,6 +25,11 @@ def _stack(blocks, part, name):
     return torch.stack(tensors)
 
 
+def _has_cache(hf_kwargs) -> bool:
+    """Whether a forward continues from a KV cache (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    return any(hf_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+
+
 def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
@@ -117,7 +122,7 @@ class ModelAPI:
             if "attention_mask" not in hf_kwargs and not bool(encoded["attention_mask"].all()):
                 hf_kwargs = {**hf_kwargs, "attention_mask": encoded["attention_mask"].to(self.device)}
         mask = hf_kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and hf_kwargs.get("position_ids") is None and hf_kwargs.get("past_key_values") is None:
+        if mask is not None and mask.dim() == 2 and hf_kwargs.get("position_ids") is None and not _has_cache(hf_kwargs):
             # left padding: number each row's real tokens from 0 (as generate does), so every real
             # position gets the activations of that sequence run alone
             hf_kwargs = {**hf_kwargs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}

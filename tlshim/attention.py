@@ -50,10 +50,12 @@ class AttnSite(Site):
     """The attention module: hook_attn_out on its output and the switch into tlshim's kernel.
 
     rot_q / rot_k are None where a spec fires them elsewhere (at a rotary module's output).
+    ``cache_kwargs`` names the keyword(s) the KV cache comes under (the spec's ``cache_kwargs``).
     """
 
-    def __init__(self, module, path):
+    def __init__(self, module, path, cache_kwargs=()):
         super().__init__(module, path)
+        self.cache_kwargs = cache_kwargs
         self.rot_q = self.rot_k = self.scores = self.pattern = None
         self.rot_k_done = False
         self.native_kernel = None
@@ -71,7 +73,7 @@ class AttnSite(Site):
         self.native_kernel = native_attention_function(self.module, config)
         self.rot_k_done = False
         if self.rot_k is not None and self.rot_k.active:
-            for cache_arg in ("past_key_values", "past_key_value"):
+            for cache_arg in self.cache_kwargs:
                 if kwargs.get(cache_arg) is not None:
                     kwargs = {**kwargs, cache_arg: _KeyHookCache(kwargs[cache_arg], self)}
         entries["config"] = _KernelConfig(config, self)

@@ -119,7 +119,7 @@ def _plan_layer(plan: Plan, i: int):
             point = plan.point(f"{block}.attn.hook_{role}_normed", attn, f"hook_{role}_normed", site)
             site.out_points.append((point, None))  # the per-head norm already sees the heads axis
 
-    attn_site = plan.site(rel(spec.attn), spec.attn_site)
+    attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
     for name in ("rot_q", "rot_k"):
         setattr(rot_site, name, plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", rot_site))

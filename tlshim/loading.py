@@ -351,25 +351,43 @@ _GENERATIVE = weakref.WeakKeyDictionary()
 
 
 def _generation_mixin(model):
-    """``generate`` for a remote-code model whose class lost it. From 4.50 ``PreTrainedModel`` no longer
-    inherits ``GenerationMixin``; an auto class adds it to a remote class that defines its own
-    ``prepare_inputs_for_generation`` (v4-era code such as OpenELM), but registers the class without it,
-    and in 5.x after 5.0 the next auto load of the same code takes that registered class: a model with no
-    ``generate``, that ``pipeline`` refuses. The model (not its class) gets a subclass with the mixin,
-    keeping the name, module and qualname (``save_pretrained`` writes the same ``architectures`` and
-    copies the same remote files). A model tlshim is installed on is left as it is."""
+    """``generate`` for a remote-code model whose class lost it, or whose cache it would not use.
+
+    * From 4.50 ``PreTrainedModel`` no longer inherits ``GenerationMixin``; an auto class adds it to a
+      remote class that defines its own ``prepare_inputs_for_generation`` (v4-era code such as OpenELM),
+      but registers the class without it, and in 5.x after 5.0 the next auto load of the same code takes
+      that registered class: a model with no ``generate``, that ``pipeline`` refuses.
+    * P10 (5.24+): ``generate`` hands the KV cache to ``prepare_inputs_for_generation`` as ``cache``; v4-era
+      code takes ``past_key_values``, finds none, and runs the whole sequence again at every step (same
+      tokens, no cache). Its ``prepare_inputs_for_generation`` then gets the cache under its own name.
+
+    The model (not its class) gets a subclass doing what is missing, keeping the name, module and
+    qualname (``save_pretrained`` writes the same ``architectures`` and copies the same remote files).
+    A model tlshim is installed on is left as it is."""
     try:
         from transformers import GenerationMixin
     except ImportError:
         return
     cls = type(model)
-    if "_tlshim_base" in vars(cls) or issubclass(cls, GenerationMixin) or not _is_custom(cls):
+    if "_tlshim_base" in vars(cls) or "_tlshim_generation" in vars(cls) or not _is_custom(cls):
         return
-    if not any("prepare_inputs_for_generation" in vars(klass) for klass in cls.__mro__ if _is_custom(klass)):
+    own = next(
+        (vars(k)["prepare_inputs_for_generation"] for k in cls.__mro__ if "prepare_inputs_for_generation" in vars(k) and _is_custom(k)),
+        None,
+    )
+    if own is None:
+        return
+    add_mixin = not issubclass(cls, GenerationMixin)
+    rename_cache = _takes(GenerationMixin.prepare_inputs_for_generation, "cache") and not _takes(own, "cache")
+    if not (add_mixin or rename_cache):
         return
     if cls not in _GENERATIVE:
         namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-        _GENERATIVE[cls] = type(cls.__name__, (cls, GenerationMixin), namespace)
+        namespace["_tlshim_generation"] = True
+        if rename_cache:
+            namespace["prepare_inputs_for_generation"] = _cache_as_past_key_values(own)
+        bases = (cls, GenerationMixin) if add_mixin else (cls,)
+        _GENERATIVE[cls] = type(cls.__name__, bases, namespace)
     model.__class__ = _GENERATIVE[cls]
     if getattr(model, "generation_config", None) is None:  # what from_pretrained loads for a generative class
         from transformers import GenerationConfig
@@ -385,6 +403,27 @@ def _generation_mixin(model):
             )
         else:
             model.generation_config = GenerationConfig.from_model_config(model.config)
+
+
+def _takes(function, name) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_as_past_key_values(own):
+    """P10: ``own`` (v4-era ``prepare_inputs_for_generation``) given the cache that 5.24+ ``generate``
+    passes as ``cache`` under its own name, ``past_key_values``; the signature stays own's, which
+    ``generate`` inspects."""
+
+    @functools.wraps(own)
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        return own(self, *args, **kwargs)
+
+    return prepare_inputs_for_generation
 
 
 def _post_init_owner(cls):

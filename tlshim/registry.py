@@ -19,7 +19,7 @@ from .errors import UnsupportedModelError, UnsupportedVersionError
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "olmo", "smollm3", "openelm")
 
 #: The transformers versions the tox matrix runs (plus the newest release, whatever it is).
-TESTED_VERSIONS = ("4.48.3", "4.53.3", "4.57.6", "5.0.0", "5.12.1", "5.23.0")
+TESTED_VERSIONS = ("4.48.3", "4.53.3", "4.57.6", "5.0.0", "5.12.1", "5.23.0", "5.24.0")
 
 
 @functools.cache
@@ -34,10 +34,15 @@ def specs_of(model_type: str) -> tuple:
     """Every (module name, spec) of one architecture's patch package."""
     package = importlib.import_module(f"tlshim.patches.{model_type}")
     found = []
-    for info in pkgutil.iter_modules(package.__path__):
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: _release(info.name)):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         found.append((module.__name__, module.SPEC))
     return tuple(found)
+
+
+def _release(module_name: str) -> tuple:
+    """(5, 4) for a patch module named v5_4: modules sort by the first release they cover."""
+    return tuple(int(part) for part in module_name.lstrip("v").split("_"))
 
 
 def spec_in_range(model_type: str, version: Version | None = None):

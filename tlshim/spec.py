@@ -102,6 +102,9 @@ class ArchSpec:
     rotary: str | None = None
     #: Site class of the attention module: it serves hook_attn_scores / hook_pattern
     attn_site: type = AttnSite
+    #: the keyword(s) under which the decoder layer hands the attention module its KV cache
+    #: (``past_key_value`` to 4.55, ``past_key_values`` to 5.23, ``cache`` from 5.24)
+    cache_kwargs: tuple = ("past_key_values", "past_key_value")
     linear_params: object = linear_params
     mlp_params: object = mlp_linear_params
     head_counts: object = llama_head_counts

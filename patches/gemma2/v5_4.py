@@ -1,7 +1,7 @@
-"""Gemma2 from 5.4: the scale moved into Gemma2TextScaledWordEmbedding, so hook_embed is its output."""
+"""Gemma2 5.4-5.23: the scale moved into Gemma2TextScaledWordEmbedding, so hook_embed is its output."""
 
 from dataclasses import replace
 
 from . import GEMMA2
 
-SPEC = replace(GEMMA2, versions=">=5.4,<6")
+SPEC = replace(GEMMA2, versions=">=5.4,<5.24")

@@ -5,4 +5,4 @@ from tlshim.spec import ArchSpec
 
 from . import ClampedProjectionSite, olmo_cfg
 
-SPEC = ArchSpec(versions=">=4.48,<6", norm=norms.LAYER, qkv_site=ClampedProjectionSite, tl_config=olmo_cfg)
+SPEC = ArchSpec(versions=">=4.48,<5.24", norm=norms.LAYER, qkv_site=ClampedProjectionSite, tl_config=olmo_cfg)

@@ -2,4 +2,4 @@
 
 from tlshim.spec import ArchSpec
 
-SPEC = ArchSpec(versions=">=4.48,<6")
+SPEC = ArchSpec(versions=">=4.48,<5.24")

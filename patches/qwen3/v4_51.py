@@ -2,4 +2,4 @@
 
 from tlshim.spec import ArchSpec
 
-SPEC = ArchSpec(versions=">=4.51,<6", q_norm="q_norm", k_norm="k_norm")
+SPEC = ArchSpec(versions=">=4.51,<5.24", q_norm="q_norm", k_norm="k_norm")

@@ -4,4 +4,4 @@ from tlshim.spec import ArchSpec
 
 from . import smollm3_cfg
 
-SPEC = ArchSpec(versions=">=4.53,<6", tl_config=smollm3_cfg)
+SPEC = ArchSpec(versions=">=4.53,<5.24", tl_config=smollm3_cfg)
