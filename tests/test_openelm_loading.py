@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
 import tlshim
+from tlshim.legacy_cache import LegacyDynamicCache
 from tlshim.loading import ReinitializedWeightsError, check_loaded_weights, finish_loading, repair_buffers
 
 try:
@@ -130,6 +131,32 @@ def test_kv_cache_steps_match_the_full_forward(loaded, input_ids):
         legacy = tuple((layer_k, layer_v) for layer_k, layer_v in _legacy(loaded, input_ids[:, :10]))
         third = loaded(input_ids[:, 10:], past_key_values=legacy, use_cache=True)
         torch.testing.assert_close(third.logits, full[:, 10:], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_installed_model_runs_with_cache_and_generates_on_its_kv_cache(folder, reference, input_ids):
+    """The real file's cache calls (from_legacy_cache on every cache, to_legacy_cache, seen_tokens,
+    get_max_length) on every version: run_with_cache continuing from a cache sees the new positions
+    only, and greedy generate uses the cache (one position a step) with the no-cache loop's tokens."""
+    model = tlshim.from_pretrained(folder)
+    full = reference(input_ids, use_cache=False).logits
+    past = model(input_ids[:, :10], use_cache=True).past_key_values
+    logits, cache = model.run_with_cache(input_ids[:, 10:], past_key_values=past, use_cache=True)
+    torch.testing.assert_close(logits, full[:, 10:], atol=1e-4, rtol=1e-4)
+    n_heads, n_kv = model.cfg.n_heads[1], model.cfg.n_key_value_heads[1]
+    assert cache["blocks.1.attn.hook_pattern"].shape == (2, n_heads, 6, 16)
+    assert cache["blocks.1.attn.hook_rot_k"].shape == (2, 6, n_kv, HEAD_DIM)
+
+    prompt = input_ids[:, :5]
+    greedy = prompt
+    for _ in range(6):
+        greedy = torch.cat([greedy, reference(greedy, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    positions = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: positions.append(x.shape[1]))]):
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, greedy)
+    assert positions == [5, 1, 1, 1, 1, 1]
+    tlshim.uninstall(model)
 
 
 def _legacy(model, ids):
@@ -343,8 +370,9 @@ def test_from_pretrained_installs(folder, reference, input_ids):
     assert cache["blocks.1.attn.hook_q"].shape == (2, 16, 4, HEAD_DIM)
     tlshim.uninstall(model)
     assert finish_loading(model) == []  # idempotent
-    hooks = [h for m in model.modules() for h in m._forward_pre_hooks.values()]
-    assert len(hooks) == (2 if IS_V5 else 0)  # P7 pre-hook: OpenELMForCausalLM and OpenELMModel
+    assert not [h for m in model.modules() for h in m._forward_pre_hooks.values()]
+    remote = sys.modules[type(model).__module__]  # P7: the remote module's own DynamicCache has the v4 calls
+    assert remote.DynamicCache is LegacyDynamicCache
 
 
 @NO_WARN

@@ -257,10 +257,15 @@ def test_call_conventions_and_kv_cache(reference, input_ids):
         "use_cache",
     ]
 
-    # Cache object path (works on every version; legacy tuples need from_legacy_cache, gone in v5).
+    # As the real file, every cache it is handed goes through DynamicCache.from_legacy_cache, gone in
+    # v5 (P7), a Cache object too; on v4 it hands back the legacy tuple.
+    if IS_V5:
+        with pytest.raises(AttributeError, match="from_legacy_cache"):
+            reference(input_ids[:, :10], use_cache=True, past_key_values=DynamicCache())
+        return
     first = reference(input_ids[:, :10], use_cache=True, past_key_values=DynamicCache())
     cache = first.past_key_values
-    assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 10
+    assert isinstance(cache, tuple) and cache[0][0].shape[2] == 10
     second = reference(input_ids[:, 10:], use_cache=True, past_key_values=cache)
     torch.testing.assert_close(second.logits, full[:, 10:], atol=1e-4, rtol=1e-4)
 
@@ -292,11 +297,15 @@ def test_v4_from_pretrained_equals_in_memory(openelm_dir, reference, input_ids):
         out = model.generate(input_ids[:, :5], max_new_tokens=3, do_sample=False)
     except AttributeError as err:
         # >= 4.56 generate() builds DynamicCache(config=...), which reads the absent
-        # config.num_hidden_layers (OPENELM.md P9); an explicit Cache object avoids that.
+        # config.num_hidden_layers (OPENELM.md P9); given a Cache object, the real file reads
+        # cache.seen_tokens and get_max_length(), gone there too. tlshim.finish_loading fixes both.
         assert "num_hidden_layers" in str(err)
-        out = model.generate(
-            input_ids[:, :5], max_new_tokens=3, do_sample=False, past_key_values=DynamicCache()
-        )
+        with pytest.raises(AttributeError, match="seen_tokens|get_max_length"):
+            model.generate(input_ids[:, :5], max_new_tokens=3, do_sample=False, past_key_values=DynamicCache())
+        import tlshim
+
+        tlshim.finish_loading(model)
+        out = model.generate(input_ids[:, :5], max_new_tokens=3, do_sample=False)
     assert torch.equal(out, greedy)
 
 
@@ -343,8 +352,10 @@ def test_v5_unpatched_load_fails(openelm_dir):
 
 @pytest.mark.skipif(not IS_V5, reason="transformers v5 behaviour")
 @torch.no_grad()
-def test_v5_load_with_workarounds(openelm_dir, reference, input_ids):
+def test_v5_load_with_workarounds(openelm_dir, reference, input_ids, monkeypatch):
     config_cls, modeling = _dynamic_classes(openelm_dir)
+    # the remote module as imported, before tlshim.finish_loading (P7) gave it the v4 cache calls
+    monkeypatch.setattr(modeling, "DynamicCache", DynamicCache)
     post_init = tolerant_post_init(config_cls) if STRICT_DATACLASS_CONFIG else contextlib.nullcontext()
     with post_init, _meta_tolerant_rope(modeling) as compute_sin_cos:
         model = AutoModelForCausalLM.from_pretrained(openelm_dir, trust_remote_code=True).eval()

@@ -72,3 +72,16 @@ def test_patches_install_as_tlshim_patches_only():
     assert origin.parent.name == "llama" and origin.parent.parent.name == "patches"
     for folder in {*site.getsitepackages(), *[p for p in sys.path if p.endswith("site-packages")]}:
         assert not (pathlib.Path(folder) / "patches").exists(), f"a top-level 'patches' was installed in {folder}"
+
+
+def test_the_installed_metadata_caps_no_dependency_of_torch():
+    """Users with a newer torch can install tlshim: the metadata states a lower bound only (the pin to
+    the local CPU wheel belongs to the project's own environments)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    torch_req = next(Requirement(r) for r in requires("tlshim") if Requirement(r).name == "torch")
+    assert torch_req.specifier, "torch has a lower bound"
+    assert all(spec.operator == ">=" for spec in torch_req.specifier), str(torch_req.specifier)
+    assert Version("2.99.0") in torch_req.specifier

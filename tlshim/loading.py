@@ -16,8 +16,9 @@ for v4 (Apple's OpenELM is the reference case; the P numbers are those of OPENEL
 * P5 (5.0-5.2 for remote code, to 5.12 for other custom classes): an ``_init_weights`` writing ``.data``
   re-draws the loaded weights. ``loading()`` makes it skip loaded tensors; ``check_loaded_weights``
   detects a model it was too late for (it cannot be repaired).
-* P7 (5.0+): ``DynamicCache.from_legacy_cache`` is gone. ``finish_loading`` adds a forward pre-hook to the
-  model that hands the forward a ``DynamicCache`` where it would get None or a legacy tuple.
+* P7 (5.0+): ``DynamicCache.from_legacy_cache`` / ``to_legacy_cache`` are gone (and from 4.56 they cannot
+  take the cache ``generate`` makes). ``finish_loading`` gives the model's own code modules a
+  ``DynamicCache`` whose v4 calls keep cache objects (``tlshim.legacy_cache``).
 * P8 (5.0+): a list-valued ``_tied_weights_keys`` breaks ``save_pretrained``. ``finish_loading`` gives the
   model's modules the dict form, as instance attributes.
 * P9 (4.56+): ``generate`` reads ``config.num_hidden_layers``. ``finish_loading`` sets it on the model's
@@ -26,6 +27,8 @@ for v4 (Apple's OpenELM is the reference case; the P numbers are those of OPENEL
   class adds ``GenerationMixin`` to a remote class that defines ``prepare_inputs_for_generation``, but
   registers the class without it, and loads that registered class from then on. ``finish_loading``
   gives such a model a per-instance subclass with the mixin, as the first load's class has.
+* P10 (5.24+): ``generate`` passes the cache to ``prepare_inputs_for_generation`` as ``cache``, not
+  ``past_key_values``; the same subclass renames it, and gives v4 code the v4 cache calls it reads.
 
 ``loading()`` patches only while it is open and then puts every patched object back (the very same
 objects); every other fix is made on one model and never on a class. Only custom-code classes are
@@ -318,7 +321,7 @@ def finish_loading(model, check_weights=True):
     """The per-model fixes for a custom-code model loaded by transformers (with or without ``loading()``).
 
     Repairs its buffers (``repair_buffers``) and, where the installed transformers needs it: puts
-    ``config.use_cache`` back (P2), lets its forward take ``use_cache`` with no cache object (P7), gives its
+    ``config.use_cache`` back (P2), gives its code the v4 cache calls (P7), gives its
     modules the dict form of ``_tied_weights_keys`` (P8) and its config ``num_hidden_layers`` (P9), and
     gives back ``generate`` to a remote-code model loaded without it (``_generation_mixin``).
     Returns the names ``repair_buffers`` repaired. Idempotent. Built-in transformers models are left alone.
@@ -339,27 +342,27 @@ def finish_loading(model, check_weights=True):
         layers = _count_layers(model)
         if layers:
             config.num_hidden_layers = layers
-    if _legacy_cache_api_missing():  # P7
-        _add_cache_pre_hooks(model)
+    _v4_cache_calls(model)  # P7
     if version >= _v("5.0.0"):  # P8
         _dict_tied_weights_keys(model)
-    _generation_mixin(model)
+    _generation_class(model)
     return repaired
 
 
 _GENERATIVE = weakref.WeakKeyDictionary()
 
 
-def _generation_mixin(model):
+def _generation_class(model):
     """``generate`` for a remote-code model whose class lost it, or whose cache it would not use.
 
     * From 4.50 ``PreTrainedModel`` no longer inherits ``GenerationMixin``; an auto class adds it to a
       remote class that defines its own ``prepare_inputs_for_generation`` (v4-era code such as OpenELM),
       but registers the class without it, and in 5.x after 5.0 the next auto load of the same code takes
       that registered class: a model with no ``generate``, that ``pipeline`` refuses.
-    * P10 (5.24+): ``generate`` hands the KV cache to ``prepare_inputs_for_generation`` as ``cache``; v4-era
-      code takes ``past_key_values``, finds none, and runs the whole sequence again at every step (same
-      tokens, no cache). Its ``prepare_inputs_for_generation`` then gets the cache under its own name.
+    * v4-era ``prepare_inputs_for_generation`` reads ``cache.seen_tokens`` and ``get_max_length()`` (gone
+      in 4.54 and 4.49; 5.x's ``get_max_length`` says -1 where v4 said None), and takes the cache as
+      ``past_key_values``, where 5.24+ ``generate`` passes ``cache`` (P10): it would find none and run the
+      whole sequence again at every step. It gets the cache under its own name, with the v4 calls.
 
     The model (not its class) gets a subclass doing what is missing, keeping the name, module and
     qualname (``save_pretrained`` writes the same ``architectures`` and copies the same remote files).
@@ -378,14 +381,14 @@ def _generation_mixin(model):
     if own is None:
         return
     add_mixin = not issubclass(cls, GenerationMixin)
-    rename_cache = _takes(GenerationMixin.prepare_inputs_for_generation, "cache") and not _takes(own, "cache")
-    if not (add_mixin or rename_cache):
+    v4_cache_api = _takes(own, "past_key_values") and not _takes(own, "cache")
+    if not (add_mixin or v4_cache_api):
         return
     if cls not in _GENERATIVE:
         namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
         namespace["_tlshim_generation"] = True
-        if rename_cache:
-            namespace["prepare_inputs_for_generation"] = _cache_as_past_key_values(own)
+        if v4_cache_api:
+            namespace["prepare_inputs_for_generation"] = _v4_cache_for(own)
         bases = (cls, GenerationMixin) if add_mixin else (cls,)
         _GENERATIVE[cls] = type(cls.__name__, bases, namespace)
     model.__class__ = _GENERATIVE[cls]
@@ -412,15 +415,21 @@ def _takes(function, name) -> bool:
         return False
 
 
-def _cache_as_past_key_values(own):
-    """P10: ``own`` (v4-era ``prepare_inputs_for_generation``) given the cache that 5.24+ ``generate``
-    passes as ``cache`` under its own name, ``past_key_values``; the signature stays own's, which
-    ``generate`` inspects."""
+def _v4_cache_for(own):
+    """``own`` (v4-era ``prepare_inputs_for_generation``) given ``generate``'s cache as v4 code reads it:
+    under its own name, ``past_key_values`` (5.24+ passes it as ``cache``, P10), and with the v4 calls
+    (``seen_tokens``, ``get_max_length()``: ``legacy_cache.V4CacheView``). The signature stays own's,
+    which ``generate`` inspects."""
+    from .legacy_cache import v4_cache
 
     @functools.wraps(own)
     def prepare_inputs_for_generation(self, *args, **kwargs):
         if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = kwargs.pop("cache")
+        if len(args) > 1:  # (input_ids, past_key_values, ...)
+            args = (args[0], v4_cache(args[1]), *args[2:])
+        elif "past_key_values" in kwargs:
+            kwargs["past_key_values"] = v4_cache(kwargs["past_key_values"])
         return own(self, *args, **kwargs)
 
     return prepare_inputs_for_generation
@@ -521,71 +530,19 @@ def _count_layers(model) -> int:
     return best
 
 
-def _legacy_cache_api_missing() -> bool:
+def _v4_cache_calls(model):
+    """P7: v4-era code calls ``DynamicCache.from_legacy_cache`` / ``to_legacy_cache`` on every cache: gone
+    in v5, and from 4.56 unable to take the cache object ``generate`` builds. The custom modules of the
+    model's code that name transformers' ``DynamicCache`` get ``LegacyDynamicCache`` under that name
+    instead, for every model of that code in this process (their own namespace; transformers' classes
+    are not changed)."""
     from transformers.cache_utils import DynamicCache
 
-    return not hasattr(DynamicCache, "from_legacy_cache")
+    from .legacy_cache import LegacyDynamicCache
 
-
-def _add_cache_pre_hooks(model):
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if not isinstance(module, PreTrainedModel) or not _is_custom(_base_class(module)):
-            continue
-        params = _forward_params(type(module))
-        if "past_key_values" not in params or "use_cache" not in params:
-            continue
-        if any(hook is _cache_pre_hook for hook in module._forward_pre_hooks.values()):
-            continue
-        module.register_forward_pre_hook(_cache_pre_hook, with_kwargs=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_params(cls):
-    try:
-        params = list(inspect.signature(cls.forward).parameters)
-    except (TypeError, ValueError):
-        return ()
-    return tuple(params[1:])  # without self
-
-
-def _cache_pre_hook(module, args, kwargs):
-    """P7: v4 remote code turns a None or tuple ``past_key_values`` into a cache with
-    ``DynamicCache.from_legacy_cache``, gone in v5; when the forward will use a cache, hand it a
-    ``DynamicCache`` (built from the tuple, if one was given), which such code takes as it is."""
-    from transformers.cache_utils import Cache, DynamicCache
-
-    params = _forward_params(type(module))
-
-    def get(name):
-        index = params.index(name)
-        if index < len(args):
-            return args[index], index
-        return kwargs.get(name), None
-
-    use_cache, _ = get("use_cache")
-    if use_cache is None:
-        use_cache = getattr(getattr(module, "config", None), "use_cache", False)
-    past, index = get("past_key_values")
-    if not use_cache or isinstance(past, Cache):
-        return None
-    if past is None and module.training and _checkpointing(module):
-        # v4 code turns use_cache off under gradient checkpointing before it makes a cache; a cache handed
-        # in would still be filled, and filled again when checkpointing reruns the layers
-        return None
-    cache = DynamicCache()
-    for layer_idx, layer in enumerate(past or ()):
-        cache.update(layer[0], layer[1], layer_idx)
-    if index is not None:
-        args = args[:index] + (cache,) + args[index + 1 :]
-    else:
-        kwargs = {**kwargs, "past_key_values": cache}
-    return args, kwargs
-
-
-def _checkpointing(module) -> bool:
-    return any(getattr(sub, "gradient_checkpointing", False) is True for sub in module.modules())
+    for module in _custom_modules(_base_class(model)):
+        if vars(module).get("DynamicCache") is DynamicCache:
+            module.DynamicCache = LegacyDynamicCache
 
 
 def _dict_tied_weights_keys(model):

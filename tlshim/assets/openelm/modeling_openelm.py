@@ -16,7 +16,7 @@ from torch.nn import CrossEntropyLoss
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -463,17 +463,12 @@ class OpenELMModel(OpenELMPreTrainedModel):
             inputs_embeds = self.token_embeddings(input_ids)
 
         past_seen_tokens = 0
-        return_legacy_cache = False
-        if use_cache:
-            # Stand-in difference: the real file converts every non-StaticCache input with
-            # DynamicCache.from_legacy_cache(...) and always returns to_legacy_cache() (both removed
-            # in transformers 5.0: pitfall P7). Here a Cache object passed in is used and handed
-            # back as is (works on every version); a legacy tuple or None still goes through
-            # from_legacy_cache / to_legacy_cache, so P7 reproduces for those inputs.
-            if not isinstance(past_key_values, Cache):
+        if use_cache:  # kept for BC (cache positions)
+            # As the real file: every input but a StaticCache, a Cache object too, goes through
+            # from_legacy_cache, removed in transformers 5.0 (P7).
+            if not isinstance(past_key_values, StaticCache):
                 past_key_values = DynamicCache.from_legacy_cache(past_key_values)
-                return_legacy_cache = True
-            past_seen_tokens = past_key_values.get_seq_length()
+                past_seen_tokens = past_key_values.get_seq_length()
 
         if cache_position is None:
             cache_position = torch.arange(
@@ -537,7 +532,7 @@ class OpenELMModel(OpenELMPreTrainedModel):
         if use_cache:
             next_cache = (
                 next_decoder_cache.to_legacy_cache()
-                if return_legacy_cache and isinstance(next_decoder_cache, Cache)
+                if isinstance(next_decoder_cache, Cache)
                 else next_decoder_cache
             )
         if not return_dict:
@@ -707,11 +702,11 @@ class OpenELMForCausalLM(OpenELMPreTrainedModel):
         past_length = 0
         if past_key_values is not None:
             if isinstance(past_key_values, Cache):
-                # Stand-in difference: the real file reads `past_key_values.seen_tokens` and
-                # `get_max_length()` (removed in transformers 4.54 / 4.49); get_seq_length() is
-                # the same number on every supported version.
-                cache_length = past_length = past_key_values.get_seq_length()
-                max_cache_length = None
+                # As the real file: seen_tokens and get_max_length() were removed in transformers
+                # 4.54 / 4.49.
+                cache_length = past_key_values.get_seq_length()
+                past_length = past_key_values.seen_tokens
+                max_cache_length = past_key_values.get_max_length()
             else:
                 cache_length = past_length = past_key_values[0][0].shape[2]
                 max_cache_length = None
