@@ -13,6 +13,7 @@ from .install import install, is_installed, uninstall
 from .loading import ReinitializedWeightsError, finish_loading, from_pretrained, loading, repair_buffers
 from .recording import record_generation
 from .registry import supported
+from .verify import VerifyReport, verify
 
 __all__ = [
     "ActivationCache",
@@ -33,5 +34,7 @@ __all__ = [
     "repair_buffers",
     "supported",
     "uninstall",
+    "verify",
+    "VerifyReport",
 ]
 __version__ = "0.1.0"

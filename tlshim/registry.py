@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import pkgutil
+import warnings
+from importlib import resources
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -55,14 +58,15 @@ def spec_in_range(model_type: str, version: Version | None = None):
 
 
 def spec_for(model):
-    """The spec to install on ``model``; raises naming what is supported and what to do."""
+    """The spec to install on ``model``; raises naming what is supported and what to do.
+
+    A model type with no patch package gets a spec derived from its modules (``structure``): silently
+    where the project's sweep verified that type on the installed transformers version, else with a
+    warning that says what was inferred and to run ``tlshim.verify(model)``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     version = transformers_version()
     if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"tlshim does not support model_type {model_type!r} ({type(model).__name__}). "
-            f"Supported model types: {', '.join(ARCHITECTURES)} (transformers {version} installed)."
-        )
+        return _derived_spec(model, model_type, version)
     found = spec_in_range(model_type, version)
     if found is None:
         ranges = "; ".join(spec.versions for _, spec in specs_of(model_type))
@@ -71,6 +75,36 @@ def spec_for(model):
             f"Install a tested version, e.g. pip install 'transformers=={TESTED_VERSIONS[-1]}'."
         )
     return found[1]
+
+
+def _derived_spec(model, model_type, version):
+    from . import structure
+
+    try:
+        spec = structure.derive_spec(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(
+            f"tlshim has no spec for model_type {model_type!r} ({type(model).__name__}) and cannot derive one "
+            f"from its modules: {err}. Model types with a spec: {', '.join(ARCHITECTURES)}; "
+            f"verified through the structural path on transformers {version}: {len(verified_types())} (tlshim doctor)."
+        ) from None
+    if model_type not in verified_types():
+        warnings.warn(
+            f"tlshim has no spec for model_type {model_type!r} and inferred its layout from the modules: "
+            f"{structure.describe(spec)}. The project's sweep has not verified this type on transformers "
+            f"{version}: check every hook with tlshim.verify(model).",
+            stacklevel=4,
+        )
+    return spec
+
+
+@functools.cache
+def verified_types() -> frozenset:
+    """The model types the project's sweep (scripts/sweep.py) verified through the structural path on
+    the installed transformers version (its major.minor), from the shipped sweep table."""
+    table = json.loads(resources.files("tlshim").joinpath("sweep.json").read_text())
+    version = transformers_version()
+    return frozenset(table.get("verified", {}).get(f"{version.major}.{version.minor}", ()))
 
 
 def supported() -> dict:

@@ -1,0 +1,148 @@
+"""The sweep: every causal-LM type of the installed transformers, built tiny, checked end to end.
+
+Per type (one forked child each, the imports paid once in the parent; 6 GiB and 120 s at most):
+install (a spec, or the structural path); idle logits bit-identical to a plain twin; ``tlshim.verify``
+(every name fires with its shape, HOOKS.md's invariants); an edit of hook_z equal to the same edit
+made by hand on the twin's output projection (bit for bit) and one of hook_resid_mid equal to adding
+the vector after the attention sub-layer by hand; uninstall gives back the exact model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sys
+import traceback
+import warnings
+
+import torch
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import tlshim
+from tlshim.errors import UnsupportedModelError
+from tlshim.spec import get_path
+
+from tiny import NOT_RUNNABLE, build, tokens
+
+VERIFIED, FAILED, UNSUPPORTED, NOT_RUN = "verified", "failed", "unsupported", "not runnable"
+
+
+def check(model_type: str) -> dict:
+    """{"status": one of the four, "how": spec or structural, "reason": why not verified}."""
+    if model_type in NOT_RUNNABLE:
+        return {"status": NOT_RUN, "reason": NOT_RUNNABLE[model_type]}
+    try:
+        model, twin = build(model_type), build(model_type)
+        ids = tokens()
+        with torch.no_grad():
+            native = twin(input_ids=ids).logits
+    except Exception as err:  # the type itself does not run tiny on input_ids
+        return {"status": NOT_RUN, "reason": _short(err)}
+    before = _snapshot(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tlshim.install(model)
+    except UnsupportedModelError as err:
+        return {"status": UNSUPPORTED, "reason": _short(err).split("cannot derive one from its modules: ")[-1].split(". Model types")[0]}
+    how = "spec" if model.config.model_type in tlshim.registry.ARCHITECTURES else "structural"
+    try:
+        failures = _failures(model, twin, ids, native)
+        tlshim.uninstall(model)
+        if not _same_model(_snapshot(model), before):
+            failures.append("uninstall did not give back the exact model")
+    except Exception as err:
+        failures = [f"raised {_short(err)}"]
+    if failures:
+        return {"status": FAILED, "how": how, "reason": "; ".join(failures[:3])}
+    return {"status": VERIFIED, "how": how}
+
+
+def _failures(model, twin, ids, native):
+    failures = []
+    with torch.no_grad():
+        if not torch.equal(model(input_ids=ids).logits, native):
+            failures.append("idle logits differ from native")
+        report = tlshim.verify(model, ids)
+        failures += [f"{f.name}: {f.check} {f.detail}".strip() for f in report.failures]
+        spec, d_head = model._tlshim.spec, model.cfg.d_head
+        zeroed = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", _zero_head0)])
+        o_proj = get_path(twin, f"{spec.layers}.0.{spec.attn}.{spec.o_proj}")
+        handle = o_proj.register_forward_pre_hook(lambda m, args: (_zero_columns(args[0], d_head),))
+        try:
+            by_hand = twin(input_ids=ids).logits
+        finally:
+            handle.remove()
+        if not torch.equal(zeroed, by_hand):
+            failures.append("an edit of hook_z differs from the same edit by hand")
+        vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+        steered = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_mid", lambda x, hook: x + vector)])
+        attn_out = get_path(twin, f"{spec.layers}.0.{spec.attn_out}")
+        handle = attn_out.register_forward_hook(lambda m, args, out: _add_to_first(out, vector))
+        try:
+            by_hand = twin(input_ids=ids).logits
+        finally:
+            handle.remove()
+        if (steered - by_hand).abs().max() > 1e-5 * by_hand.abs().max():  # the sum order differs: not bit for bit
+            failures.append("an edit of hook_resid_mid differs from adding the vector after attention by hand")
+    return failures
+
+
+def _zero_head0(z, hook):
+    z = z.clone()
+    z[:, :, 0] = 0
+    return z
+
+
+def _zero_columns(x, width):
+    x = x.clone()
+    x[..., :width] = 0
+    return x
+
+
+def _add_to_first(out, vector):
+    return (out[0] + vector, *out[1:]) if isinstance(out, tuple) else out + vector
+
+
+def _snapshot(model):
+    return [(name, type(m), tuple(sorted(vars(m)))) for name, m in model.named_modules()], {
+        k: v.detach().clone() for k, v in model.state_dict().items()
+    }
+
+
+def _same_model(a, b) -> bool:
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def _short(err) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
+
+
+def sweep(model_types=None, memory_gib=6, seconds=120) -> dict:
+    """{model_type: check(...)} for the given types (all of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES by default)."""
+    results = {}
+    for model_type in model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            resource.setrlimit(resource.RLIMIT_AS, (memory_gib << 30, memory_gib << 30))
+            signal.alarm(seconds)
+            try:
+                result = check(model_type)
+            except BaseException as err:  # a crash of the check itself is a finding too
+                result = {"status": FAILED, "reason": f"the check crashed: {_short(err)}", "trace": traceback.format_exc()[-500:]}
+            os.write(write, json.dumps(result).encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            text = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        results[model_type] = json.loads(text) if text else {"status": NOT_RUN, "reason": f"the child died (status {status}: memory or time limit)"}
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(sweep(sys.argv[1:] or None), indent=1))

@@ -1,0 +1,47 @@
+"""The sweep (tests/sweep.py): every causal-LM type built tiny, installed, verified, edited, uninstalled.
+
+On every matrix version the types with a spec pass; on a version the shipped table (tlshim/sweep.json,
+written by scripts/sweep.py --write) covers, every type it lists as verified still passes, so the
+structural path cannot regress silently, and the whole sweep reaches the table's count.
+"""
+
+import json
+import pathlib
+
+import pytest
+import transformers
+from packaging.version import Version
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from tlshim import registry
+
+from sweep import VERIFIED, sweep
+
+VERSION = Version(transformers.__version__)
+TABLE = json.loads((pathlib.Path(registry.__file__).parent / "sweep.json").read_text())
+RESULTS = TABLE.get("results", {}).get(f"{VERSION.major}.{VERSION.minor}")
+
+
+def test_every_type_with_a_spec_passes_the_sweep():
+    types = [t for t in registry.ARCHITECTURES if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+    results = sweep(types)
+    assert {t: r for t, r in results.items() if r["status"] != VERIFIED} == {}
+    assert {r["how"] for r in results.values()} == {"spec"}
+
+
+@pytest.mark.skipif(RESULTS is None, reason=f"tlshim/sweep.json has no sweep of transformers {VERSION.major}.{VERSION.minor}")
+def test_the_whole_sweep_keeps_every_verified_type():
+    results = sweep()
+    lost = sorted(t for t, r in RESULTS.items() if r["status"] == VERIFIED and results[t]["status"] != VERIFIED)
+    assert lost == [], {t: results[t] for t in lost}
+    verified = sum(r["status"] == VERIFIED for r in results.values())
+    assert verified >= sum(r["status"] == VERIFIED for r in RESULTS.values())
+    assert set(results) == set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def test_a_derived_spec_is_refused_with_the_part_that_was_not_found():
+    import tlshim
+    from tiny import build
+
+    with pytest.raises(tlshim.UnsupportedModelError, match="cannot derive one from its modules: .*attention|projections|norm"):
+        tlshim.install(build("gpt2"))

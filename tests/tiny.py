@@ -1,0 +1,87 @@
+"""Tiny random models of every causal-LM type transformers registers (../shared/TESTING.md).
+
+``build(model_type)`` makes one from its config class with every size field shrunk (hidden 64, 2
+layers, 4 heads, 2 KV heads, d_mlp 128, vocab 256, 128 positions), eager attention, sharp patterns
+(initializer_range 2 / sqrt(d_model)) and norm weights drawn around 1, under a fixed seed: two
+builds are bitwise equal, so a second build is the plain twin for bit-exact checks.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+D_MODEL, VOCAB = 64, 256
+
+#: config field -> tiny value (a field is set only where the config has it as an int)
+SIZES = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "model_dim", "dim", "embed_dim", "word_embed_proj_dim"), D_MODEL),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"), 2),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads"), 4),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"), 2),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "decoder_ffn_dim", "d_ff"), 128),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"), 32),
+    **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "top_k", "moe_topk", "num_selected_experts"), 2),
+    **dict.fromkeys(("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "attention_head_size"), 16),
+    **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 32),
+    **dict.fromkeys(("vocab_size",), VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length"), 128),
+}
+#: the types that cannot run a forward on input_ids alone (TESTING.md), with the reason
+NOT_RUNNABLE = {
+    "musicgen": "codebook-shaped input ids",
+    "musicgen_melody": "codebook-shaped input ids",
+    "gemma4_assistant": "a draft model",
+    "gemma4_unified_assistant": "a draft model",
+    "gemma3n": "needs pillow and timm",
+}
+
+
+def tiny_config(model_type: str):
+    config = AutoConfig.for_model(model_type)
+    for sub in [config, *(getattr(config, name) for name in ("text_config", "attn_config", "ffn_config") if hasattr(config, name))]:
+        _shrink(sub)
+    return config
+
+
+def _shrink(config):
+    for name, value in SIZES.items():
+        current = getattr(config, name, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            try:
+                setattr(config, name, value)
+            except Exception:
+                pass
+    for name in list(vars(config)):
+        value = getattr(config, name, None)
+        if name.endswith("_token_id") and isinstance(value, int) and value >= VOCAB:
+            setattr(config, name, VOCAB - 1)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and layer_types:
+        kinds = list(dict.fromkeys(layer_types))
+        attention = [k for k in kinds if "attention" in str(k)]
+        other = [k for k in kinds if k not in attention]
+        config.layer_types = (other[:1] + attention[:1]) if other and attention else layer_types[:1] * 2
+        if len(config.layer_types) < 2:
+            config.layer_types = config.layer_types * 2
+    if hasattr(config, "initializer_range"):
+        config.initializer_range = 2 / D_MODEL**0.5
+
+
+def build(model_type: str, seed: int = 0, attn_implementation: str = "eager"):
+    """A tiny random model of ``model_type`` in float32, eval mode, norm weights drawn around 1."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, torch_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if "norm" in type(module).__name__.lower() and isinstance(weight, torch.nn.Parameter) and weight.dim() == 1:
+                weight.copy_(torch.rand(weight.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+def tokens(batch=2, pos=12, seed=1):
+    return torch.randint(0, 200, (batch, pos), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,406 @@
+"""Derive a spec from the live module tree, for a model type that no patch module names.
+
+What the names of modules say is only a first guess (the tables below are data); every role is
+then checked on one short probing forward that stops after the first block: which norm reads the
+block input, which feeds the MLP, which one follows attention or the MLP (a post-norm), whether
+the residual adds up, what the norm computes (RMS, Gemma's (1 + w), LayerNorm) and whether the
+embedding output enters the first block as it is or scaled. A model whose first block does not
+match a sequential pre-norm block with separate q/k/v/o projections raises UnsupportedModelError
+naming the part that did not fit. ``tlshim.verify`` then checks every hook on a whole forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import torch
+from torch import nn
+
+from . import norms
+from .errors import UnsupportedModelError
+from .spec import ArchSpec, get_path, linear_params, mlp_linear_params
+
+#: child names, tried in order (attention and MLP modules of one decoder layer)
+ATTENTION = ("self_attn", "attn", "attention", "self_attention")
+MLP = ("mlp", "feed_forward", "ffn")
+#: (q, k, v, o) projection names inside the attention module
+PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"))
+#: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
+FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"))
+#: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
+FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
+#: (gate, up, down) of a gated MLP, then (up, down) of a plain one
+GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
+#: per-head (q, k) norms inside the attention module
+QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+NORM_KINDS = (("RMS", norms.RMS), ("(1 + w) RMS", norms.OFFSET_RMS), ("LayerNorm", norms.LAYER))
+
+
+class _ProbeDone(Exception):
+    pass
+
+
+def derive_spec(model) -> ArchSpec:
+    """An ArchSpec for ``model`` read from its modules and one probing forward (see the module doc)."""
+    layers_path, layers = _decoder_layers(model)
+    layer = layers[0]
+    attn_name = _child(layer, ATTENTION, "attention module", layers_path)
+    mlp_name = _child(layer, MLP, "MLP module", layers_path)
+    attn, mlp = getattr(layer, attn_name), getattr(layer, mlp_name)
+    q, k, v, o = _attention_projections(attn, f"{layers_path}.0.{attn_name}")
+    gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
+    qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
+    _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
+
+    flow = _probe(model, layer)
+    roles = _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
+    norm_kind = _norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
+    for role in ("ln2", "ln1_post", "ln2_post"):
+        if roles.get(role) and _norm_kind(getattr(layer, roles[role]), flow, roles[role]) is not norm_kind:
+            raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
+    embed_path = _path_of(model, model.get_input_embeddings(), "input embedding")
+    unembed = model.get_output_embeddings()
+    if unembed is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
+    final_path = _final_norm(model, layers_path, norm_kind)
+    d_mlp = getattr(mlp, up).out_features // (2 if gate == up else 1)
+    sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, roles["ln1"]), norm_kind)
+    sizes["gated_mlp"] = gate is not None
+    return ArchSpec(
+        versions="",
+        layers=layers_path,
+        embed=embed_path,
+        embed_hook_on_first_layer=_embedding_scaled(flow),
+        final_norm=final_path,
+        unembed=_path_of(model, unembed, "output embedding"),
+        attn=attn_name,
+        mlp=mlp_name,
+        ln1=roles["ln1"],
+        ln2=roles["ln2"],
+        ln1_post=roles.get("ln1_post"),
+        ln2_post=roles.get("ln2_post"),
+        attn_out=roles.get("ln1_post") or attn_name,
+        mlp_out=roles.get("ln2_post") or mlp_name,
+        q_proj=q,
+        k_proj=k,
+        v_proj=v,
+        o_proj=o,
+        q_norm=qk_norm[0],
+        k_norm=qk_norm[1],
+        gate_proj=gate,
+        up_proj=up,
+        down_proj=down,
+        norm=norm_kind,
+        head_counts=structural_head_counts,
+        linear_params=fused_qkv_params if q == k else linear_params,
+        mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
+        tl_config=functools.partial(_structural_cfg, sizes),
+        cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
+    )
+
+
+def describe(spec) -> str:
+    """One line of what the structural path inferred, for the install warning."""
+    post = f", post-norms {spec.ln1_post} / {spec.ln2_post}" if spec.ln1_post else ""
+    mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
+    return (
+        f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
+        f"MLP {spec.mlp} {mlp}, norms {spec.ln1} / {spec.ln2}{post} ({spec.norm.tl_type}), final norm {spec.final_norm}"
+    )
+
+
+def structural_head_counts(attn, config):
+    """(query heads, key/value heads, d_head), from the projections' widths."""
+    d_head = _head_dim(attn, config)
+    separate = _names(attn, PROJECTIONS, None, None)
+    if separate:
+        return getattr(attn, separate[0]).out_features // d_head, getattr(attn, separate[1]).out_features // d_head, d_head
+    fused = getattr(attn, _names(attn, FUSED_QKV, None, None)[0]).out_features // d_head
+    n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads")
+    return n_heads, (fused - n_heads) // 2, d_head
+
+
+def fused_qkv_params(spec, attn, role):
+    """(weight, bias) of the q, k or v rows of a fused projection (all q heads, then k, then v), or of o."""
+    if role == "o":
+        return linear_params(spec, attn, "o")
+    n_heads, n_kv, d_head = structural_head_counts(attn, attn.config)
+    start = {"q": 0, "k": n_heads, "v": n_heads + n_kv}[role] * d_head
+    rows = slice(start, start + (n_heads if role == "q" else n_kv) * d_head)
+    weight, bias = linear_params(spec, attn, "q")
+    return weight[rows], None if bias is None else bias[rows]
+
+
+def fused_gate_up_params(spec, mlp, role):
+    """(weight, bias) of the gate or up half of a fused gate/up projection, or of down."""
+    weight, bias = mlp_linear_params(spec, mlp, role if role == "down" else "up")
+    if role == "down":
+        return weight, bias
+    half = weight.shape[0] // 2
+    rows = slice(0, half) if role == "gate" else slice(half, None)
+    return weight[rows], None if bias is None else bias[rows]
+
+
+def _head_dim(attn, config):
+    value = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None)
+    if value:
+        return int(value)
+    return config.hidden_size // config.num_attention_heads
+
+
+def _structural_cfg(found, model):
+    """TransformerLens config fields: sizes as the probe found them, the rest from the HF config."""
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    return dict(
+        found,
+        n_ctx=getattr(config, "max_position_embeddings", None) or -1,
+        act_fn=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None),
+        positional_embedding_type="rotary",
+        rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        window_size=getattr(config, "sliding_window", None),
+    )
+
+
+# ------------------------------------------------------------------------------------ structure
+
+
+def _decoder_layers(model):
+    """(path, ModuleList) of the decoder blocks: the longest ModuleList of one class under the model."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise UnsupportedModelError(f"no list of decoder layers (an nn.ModuleList of blocks) found in {type(model).__name__}")
+    return best
+
+
+def _child(layer, candidates, what, layers_path):
+    for name in candidates:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name
+    children = ", ".join(layer._modules)
+    raise UnsupportedModelError(
+        f"no {what} found in {type(layer).__name__} at {layers_path}.0 (looked for {', '.join(candidates)}; it has {children})"
+    )
+
+
+def _names(module, options, where, what):
+    for names in options:
+        if all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+            return names
+    if where is None:
+        return None
+    raise UnsupportedModelError(
+        f"no {what} found in {type(module).__name__} at {where} (looked for {options}; it has {', '.join(module._modules)})"
+    )
+
+
+def _attention_projections(attn, where):
+    """(q, k, v, o) projection names; q, k and v name the same module where it is fused."""
+    separate = _names(attn, PROJECTIONS, None, None)
+    if separate:
+        return separate
+    fused = _names(attn, FUSED_QKV, None, None)
+    if fused:
+        n_heads, n_kv, d_head = structural_head_counts(attn, attn.config)
+        if (n_heads + 2 * n_kv) * d_head != getattr(attn, fused[0]).out_features or n_kv <= 0:
+            raise UnsupportedModelError(f"the fused projection {fused[0]} at {where} does not split into q, k, v heads")
+        return fused[0], fused[0], fused[0], fused[1]
+    raise UnsupportedModelError(
+        f"no q/k/v/o projections found in {type(attn).__name__} at {where} (looked for {PROJECTIONS} and "
+        f"{FUSED_QKV} as nn.Linear; it has {', '.join(attn._modules)})"
+    )
+
+
+def _mlp_projections(mlp, where):
+    """(gate, up, down) names: gate None for a plain MLP, gate == up where they are fused."""
+    gated = _names(mlp, GATED, None, None)
+    if gated:
+        return gated
+    fused = _names(mlp, FUSED_GATE_UP, None, None)
+    if fused:
+        return fused[0], fused[0], fused[1]
+    plain = _names(mlp, PLAIN, None, None)
+    if plain:
+        return None, *plain
+    raise UnsupportedModelError(
+        f"no MLP projections found in {type(mlp).__name__} at {where} (looked for {GATED}, {FUSED_GATE_UP} and "
+        f"{PLAIN} as nn.Linear; it has {', '.join(mlp._modules)})"
+    )
+
+
+def _uses_attention_registry(attn, where):
+    source_module = importlib.import_module(type(attn).__module__)
+    if not hasattr(source_module, "eager_attention_forward") or not hasattr(attn, "config"):
+        raise UnsupportedModelError(
+            f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
+            "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
+        )
+
+
+def _parameters(function) -> tuple:
+    try:
+        return tuple(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _sizes(model, n_layers, attn, d_mlp, ln1, norm_kind):
+    n_heads, n_kv, d_head = structural_head_counts(attn, model.config)
+    embedding = model.get_input_embeddings()
+    return dict(
+        n_layers=n_layers,
+        d_model=embedding.embedding_dim,
+        n_heads=n_heads,
+        n_key_value_heads=n_kv,
+        d_head=d_head,
+        d_mlp=d_mlp,
+        d_vocab=embedding.num_embeddings,
+        d_vocab_out=model.get_output_embeddings().out_features,
+        eps=norms._eps(ln1),
+        normalization_type=norm_kind.tl_type,
+        final_rms=norm_kind.tl_type == "RMS",
+    )
+
+
+def _path_of(model, module, what):
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise UnsupportedModelError(f"the {what} of {type(model).__name__} is not one of its modules")
+
+
+def _final_norm(model, layers_path, norm_kind):
+    """The norm module right after the blocks: a child of the module that holds the block list."""
+    owner_path = layers_path.rpartition(".")[0]
+    owner = get_path(model, owner_path)
+    found = [name for name, child in owner.named_children() if _looks_like_norm(child)]
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"no single final norm found next to the blocks in {type(owner).__name__} (norm-like children: {found or 'none'})"
+        )
+    return f"{owner_path}.{found[0]}" if owner_path else found[0]
+
+
+def _looks_like_norm(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return "norm" in type(module).__name__.lower() and (weight is None or weight.dim() == 1)
+
+
+# ------------------------------------------------------------------------------------ the probe
+
+
+class _Flow:
+    """First inputs and outputs of the first block and its direct children, on the probing forward."""
+
+    def __init__(self):
+        self.inputs, self.outputs = {}, {}
+        self.embedding = None
+
+
+def _probe(model, layer) -> _Flow:
+    flow = _Flow()
+    handles = []
+
+    def record(name):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("hidden_states")
+            flow.inputs.setdefault(name, x)
+            flow.outputs.setdefault(name, output[0] if isinstance(output, tuple) else output)
+            if name == "":
+                raise _ProbeDone
+
+        return hook
+
+    def embedding_hook(module, args, output):
+        flow.embedding = output
+
+    for name, child in [("", layer), *layer.named_children()]:
+        handles.append(child.register_forward_hook(record(name), with_kwargs=True))
+    handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
+    vocab = model.get_input_embeddings().num_embeddings
+    device = model.get_input_embeddings().weight.device
+    ids = torch.arange(1, 7, device=device).remainder(vocab)[None]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except _ProbeDone:
+        pass
+    except Exception as err:
+        raise UnsupportedModelError(f"the probing forward of {type(model).__name__} failed: {type(err).__name__}: {err}") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "" not in flow.inputs:
+        raise UnsupportedModelError(f"the probing forward of {type(model).__name__} never reached its first block")
+    return flow
+
+
+def _same(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+
+
+def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
+    norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
+    x = flow.inputs[""]
+    where = f"{type(layer).__name__} at {layers_path}.0"
+
+    def norm_reading(tensor):
+        return next((n for n in norms_seen if _same(flow.inputs[n], tensor)), None)
+
+    def norm_feeding(tensor):
+        return next((n for n in norms_seen if _same(flow.outputs[n], tensor)), None)
+
+    roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_name])}
+    if roles["ln1"] is None or not _same(flow.inputs[roles["ln1"]], x):
+        raise UnsupportedModelError(f"{where}: the attention's input is not a norm of the block input (no pre-norm block)")
+    if roles["ln2"] is None or roles["ln2"] == roles["ln1"]:
+        raise UnsupportedModelError(f"{where}: the MLP does not read its own norm (a parallel block, or no pre-norm)")
+    roles["ln1_post"] = norm_reading(flow.outputs[attn_name])
+    roles["ln2_post"] = norm_reading(flow.outputs[mlp_name])
+    if bool(roles["ln1_post"]) != bool(roles["ln2_post"]):
+        raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
+    attn_out = flow.outputs[roles["ln1_post"] or attn_name]
+    mlp_out = flow.outputs[roles["ln2_post"] or mlp_name]
+    mid = flow.inputs[roles["ln2"]]
+    if not _same(mid, x + attn_out) or not _same(flow.outputs[""], mid + mlp_out):
+        raise UnsupportedModelError(
+            f"{where}: the residual stream is not block input + attention output + MLP output "
+            "(a multiplier or another sum order)"
+        )
+    return roles
+
+
+def _norm_kind(module, flow, name):
+    x, out = flow.inputs[name], flow.outputs[name]
+    best = None
+    for label, kind in NORM_KINDS:
+        candidate = kind.apply(module, x, kind.scale(module, x))
+        if candidate.shape == out.shape and torch.allclose(candidate, out, rtol=1e-4, atol=1e-5):
+            best = kind
+            break
+    if best is None:
+        raise UnsupportedModelError(f"the norm {name} ({type(module).__name__}) computes neither RMSNorm, (1 + w) RMSNorm nor LayerNorm")
+    return best
+
+
+def _embedding_scaled(flow) -> bool:
+    """Whether the first block's input is the embedding output scaled (Gemma's sqrt(d_model) applied
+    after the module): hook_embed then fires on that input. Any other difference is not supported."""
+    embedding, x = flow.embedding, flow.inputs[""]
+    if _same(embedding, x):
+        return False
+    if embedding is not None and embedding.shape == x.shape:
+        ratio = x.float() / embedding.float().where(embedding != 0, torch.ones_like(embedding.float()))
+        values = ratio[embedding != 0]
+        if values.numel() and torch.allclose(values, values.flatten()[0].expand_as(values), rtol=1e-3):
+            return True
+    raise UnsupportedModelError("the first block's input is not the token embedding (absolute positions or another addition)")

@@ -1,0 +1,150 @@
+"""``tlshim.verify(model)``: one short forward, and every HOOKS.md invariant that applies, per hook name.
+
+For a layout tlshim derived from the modules (no spec names the model type) this is the proof that
+each hook holds what its name says; it works the same on every supported model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BIT = "bit for bit"
+
+
+@dataclass
+class Finding:
+    name: str
+    check: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """What held on the verifying forward: ``ok``, ``failures``, and a table (``str(report)``)."""
+
+    model_type: str
+    findings: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    @property
+    def failures(self) -> list:
+        return [f for f in self.findings if not f.ok]
+
+    def by_name(self) -> dict:
+        out: dict = {}
+        for finding in self.findings:
+            out.setdefault(finding.name, []).append(finding)
+        return out
+
+    def __str__(self):
+        names = self.by_name()
+        held = sum(all(f.ok for f in fs) for fs in names.values())
+        lines = [f"tlshim.verify: {self.model_type}: {held} of {len(names)} names hold every check"]
+        for finding in self.failures:
+            lines.append(f"  FAILS {finding.name}: {finding.check} {finding.detail}".rstrip())
+        return "\n".join(lines)
+
+
+def verify(model, input_ids=None) -> VerifyReport:
+    """Run one forward with every hook cached and check HOOKS.md's invariants name by name.
+
+    Installs tlshim for the check (and uninstalls it again) when it is not installed. ``input_ids``
+    defaults to two random sequences of 12 tokens (fixed seed).
+
+    >>> report = tlshim.verify(model)
+    >>> report.ok, print(report)
+    """
+    from .install import install, is_installed, uninstall
+
+    installed_here = not is_installed(model)
+    if installed_here:
+        install(model)
+    try:
+        return _verify(model, input_ids)
+    finally:
+        if installed_here:
+            uninstall(model)
+
+
+def _verify(model, input_ids):
+    cfg = model.cfg
+    report = VerifyReport(getattr(model.config, "model_type", type(model).__name__))
+    add = report.findings.append
+    if input_ids is None:
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, cfg.d_vocab, (2, 12), generator=generator).to(cfg.device)
+    batch, pos = input_ids.shape
+    with torch.no_grad():
+        idle = model(input_ids=input_ids).logits
+        logits, cache = model.run_with_cache(input_ids, names_filter=lambda name: True)
+
+    def same(name, check, a, b, exact=True):
+        if a.shape != b.shape:
+            add(Finding(name, check, False, f"(shapes {tuple(a.shape)} and {tuple(b.shape)})"))
+            return
+        ok = torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        diff = "" if ok else f"(max difference {(a.float() - b.float()).abs().max().item():.3g})"
+        add(Finding(name, check + (f" ({BIT})" if exact else " (close)"), ok, diff))
+
+    same("logits", "a run caching every name gives the idle logits", logits, idle)
+    for name in model.hook_dict:
+        add(Finding(name, "fires", name in cache))
+    for name, value in cache.items():
+        want = _shape(cfg, name, batch, pos)
+        if want is not None:
+            add(Finding(name, "shape", tuple(value.shape) == want, f"{tuple(value.shape)}, expected {want}"))
+    same("hook_embed", "equals blocks.0.hook_resid_pre", cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+    for i in range(cfg.n_layers):
+        b, block = f"blocks.{i}", model.blocks[i]
+        if i + 1 < cfg.n_layers:
+            same(f"{b}.hook_resid_post", "equals the next block's hook_resid_pre", cache[f"{b}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"])
+        same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
+        same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
+        scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
+        same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores)", pattern, torch.softmax(scores.float(), -1).to(pattern.dtype), exact=False)
+        n_rep = _at(cfg.n_heads, i) // _at(cfg.n_key_value_heads, i)
+        v = cache[f"{b}.attn.hook_v"].repeat_interleave(n_rep, dim=2)
+        z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
+        same(f"{b}.attn.hook_z", "= pattern @ v", cache[f"{b}.attn.hook_z"], z, exact=False)
+        attn = block.attn
+        o_out = F.linear(cache[f"{b}.attn.hook_z"].flatten(-2), attn.W_O.flatten(0, 1).T, attn.b_O)
+        post = getattr(block, "ln1_post", None)
+        with torch.no_grad():
+            want = post(o_out) if post is not None else o_out
+        same(f"{b}.hook_attn_out", "= hook_z @ W_O + b_O (then the post-attention norm)", cache[f"{b}.hook_attn_out"], want, exact=False)
+    with torch.no_grad():
+        final = model.ln_final(cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
+        unembedded = F.linear(final, model.W_U.T, model.b_U)
+    cap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
+    same("logits", "= ln_final(last hook_resid_post) @ W_U + b_U", logits, torch.tanh(unembedded / cap) * cap if cap > 0 else unembedded, exact=False)
+    return report
+
+
+def _at(value, i):
+    return value[i] if isinstance(value, (list, tuple)) else value
+
+
+def _shape(cfg, name, batch, pos):
+    """The documented shape of ``name`` (HOOKS.md), for a forward without cache."""
+    d = cfg.d_model
+    if not name.startswith("blocks."):
+        return (batch, pos, 1) if name.endswith("hook_scale") else (batch, pos, d)
+    i, rest = int(name.split(".")[1]), name.split(".", 2)[2]
+    h, g, e, m = _at(cfg.n_heads, i), _at(cfg.n_key_value_heads, i), cfg.d_head, _at(cfg.d_mlp, i)
+    table = {
+        "ln1.hook_scale": (batch, pos, 1), "ln2.hook_scale": (batch, pos, 1),
+        "attn.hook_q": (batch, pos, h, e), "attn.hook_k": (batch, pos, g, e), "attn.hook_v": (batch, pos, g, e),
+        "attn.hook_q_normed": (batch, pos, h, e), "attn.hook_k_normed": (batch, pos, g, e),
+        "attn.hook_rot_q": (batch, pos, h, e), "attn.hook_rot_k": (batch, pos, g, e),
+        "attn.hook_attn_scores": (batch, h, pos, pos), "attn.hook_pattern": (batch, h, pos, pos),
+        "attn.hook_z": (batch, pos, h, e), "attn.hook_result": (batch, pos, h, d),
+        "mlp.hook_pre": (batch, pos, m), "mlp.hook_pre_linear": (batch, pos, m), "mlp.hook_post": (batch, pos, m),
+    }
+    return table.get(rest, (batch, pos, d))
