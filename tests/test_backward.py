@@ -20,6 +20,7 @@ NAMES = [
     "blocks.1.mlp.hook_post",
     "blocks.2.hook_resid_post",
     "ln_final.hook_scale",
+    "ln_final.hook_normalized",  # with hook_scale: both on one norm
 ]
 
 
