@@ -5,7 +5,6 @@ among them, and the cache's norm methods give TransformerLens's own results.
 Runs in the `tl` tox env (transformer-lens 4.3.0 installed); skipped where transformer-lens is absent.
 """
 
-import tempfile
 import warnings
 from types import SimpleNamespace
 
@@ -34,21 +33,20 @@ def make(arch):
     return build(arch)
 
 
-def word_tokenizer():
-    """A word-level tokenizer, saved and reloaded (the bridge reads its path; nothing is fetched)."""
+def word_tokenizer(path):
+    """A word-level tokenizer, saved to ``path`` and reloaded (the bridge reads its path; nothing is fetched)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     inner = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0")
-    path = tempfile.mkdtemp(prefix="tl_parity_tok_")
     tok.save_pretrained(path)
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def pair(request):
+def pair(request, tmp_path_factory):
     """tlshim's model and cache, the bridge and its cache, on twins with the same weights and input."""
     arch = request.param
     if arch != "openelm":
@@ -58,7 +56,8 @@ def pair(request):
         model = tlshim.install(make(arch))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIP_NO_INDEX", "1")  # the bridge may pip-install torchvision while booting (TESTING.md)
-        bridge = bridge_module.TransformerBridge.boot_transformers(arch, hf_model=make(arch), tokenizer=word_tokenizer(), device="cpu")
+        tokenizer = word_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+        bridge = bridge_module.TransformerBridge.boot_transformers(arch, hf_model=make(arch), tokenizer=tokenizer, device="cpu")
     ids = tokens()
     kwargs = {"use_cache": False} if arch == "openelm" else {}  # the stand-in's legacy cache (test_openelm.py)
     with torch.no_grad():

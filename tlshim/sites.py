@@ -238,23 +238,25 @@ class NormSite(Site):
             return wrapped(*args, **kwargs)
         x = first_input(args, kwargs)
         centered, var_eps = self.norm.statistics(self.module, x)
-        scale = var_eps.sqrt()
-        link = None
-        if needs_grad_link(self.scale_point):  # dL/d(scale) through the value divided by it
-            scale = scale.detach().requires_grad_()
-            link = centered.detach() / scale
-        edited_scale = self.scale_point.fire(scale)
-        if edited_scale is scale:
+        scale = edited_scale = link = None
+        if self.scale_point.active:
+            scale = var_eps.sqrt()
+            if needs_grad_link(self.scale_point):  # dL/d(scale) through the value divided by it
+                scale = scale.detach().requires_grad_()
+                link = centered.detach() / scale
+            edited_scale = self.scale_point.fire(scale)
+        if edited_scale is not scale:  # an edited divisor: the output follows from it
+            normalized = centered / edited_scale
+            edited = fire_points(self.out_points, normalized) if before_weight else normalized
+            return self.norm.weigh(self.module, edited, x.dtype)
+        if before_weight:
             normalized = self.norm.normalize(centered, var_eps)
             normalized = normalized if link is None else with_grad_link(normalized, link)
-        else:
-            normalized = centered / edited_scale
-        edited = fire_points(self.out_points, normalized) if before_weight else normalized
-        untouched = edited is normalized and not any(point.bwd_hooks for point, _ in self.out_points)
-        if edited_scale is scale and (untouched or not before_weight):
-            out = wrapped(*args, **kwargs)
-            return out if link is None else with_grad_link(out, self.norm.weigh(self.module, link, x.dtype, detach_params=True))
-        return self.norm.weigh(self.module, edited, x.dtype)
+            edited = fire_points(self.out_points, normalized)
+            if edited is not normalized or any(point.bwd_hooks for point, _ in self.out_points):
+                return self.norm.weigh(self.module, edited, x.dtype)
+        out = wrapped(*args, **kwargs)  # nothing edited: the module's own output
+        return out if link is None else with_grad_link(out, self.norm.weigh(self.module, link, x.dtype, detach_params=True))
 
 
 class OutProjSite(Site):
