@@ -82,7 +82,7 @@ if [[ $# -eq 0 ]]; then
     # the end, without failing this script on its own: the pinned envs gate (README, "A new
     # transformers release").
     envs=$(.venv/bin/tox config -q -k env_name 2>/dev/null | sed -n 's/^env_name = //p' | paste -sd, - || true)
-    pinned_env=$(tr ',' '\n' <<<"$envs" | { grep -vx latest || true; } | tail -n 1)
+    pinned_env=$(tr ',' '\n' <<<"$envs" | { grep -E '^tf[0-9]+$' || true; } | tail -n 1)
     pinned=$(.venv/bin/tox config -q -e "$pinned_env" -k deps 2>/dev/null | sed -n 's/^ *transformers==//p' || true)
     newest=""
     if .venv/bin/tox run -q -e latest --notest -x "testenv.package=$PACKAGE" >/dev/null 2>&1; then

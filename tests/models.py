@@ -1,4 +1,5 @@
-"""Small models on which a wrong hook cannot pass (../shared/TESTING.md): sharp attention, fixed seeds.
+"""Small models on which a wrong hook cannot pass (../shared/TESTING.md): sharp attention, random norm
+weights, fixed seeds.
 
 ``build(arch, ...)`` makes the model under test; calling it again with the same arguments makes its
 bit-identical plain twin, the reference for exact comparisons.
@@ -90,7 +91,25 @@ def build(arch="llama", attn="eager", dtype=torch.float32, train=False, seed=0, 
         _randomize_biases(model, seed)
     if arch == "olmo":
         _scale_qkv(model, 6 / math.sqrt(D_MODEL) / config.initializer_range)
+    randomize_norms(model, seed)
     return model.train(train)
+
+
+def randomize_norms(model, seed, low=0.5, high=1.5):
+    """Every norm weight drawn so the norm multiplies by uniform(low, high) (Gemma: 1 + w), biases
+    around 0: a hook that drops, repeats or misplaces a norm's weight then shows (HF starts them at 1)."""
+    generator = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if "norm" not in type(module).__name__.lower() or weight is None:
+                continue
+            offset = 1.0 if "gemma" in type(module).__name__.lower() else 0.0
+            drawn = torch.empty(weight.shape).uniform_(low, high, generator=generator) - offset
+            weight.copy_(drawn.to(weight.dtype))
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias.copy_((torch.rand(bias.shape, generator=generator) - 0.5).to(bias.dtype))
 
 
 def _scale_qkv(model, factor):

@@ -18,8 +18,10 @@ NAMES = [
     "blocks.1.hook_attn_out",
     "blocks.1.hook_resid_mid",
     "blocks.1.mlp.hook_post",
+    "blocks.2.ln2.hook_scale",  # alone on its norm
     "blocks.2.hook_resid_post",
     "ln_final.hook_scale",
+    "ln_final.hook_normalized",  # with hook_scale: both on one norm
 ]
 
 

@@ -68,19 +68,38 @@ def test_accumulated_and_decomposed_residual(run):
     torch.testing.assert_close(parts.sum(0), cache["resid_mid", 2], rtol=1e-5, atol=1e-5)
 
 
-def test_ln_and_logit_attribution_sum_to_the_logits(run):
+def test_apply_ln_divides_by_the_cached_scale_before_the_weight(run):
+    """TransformerLens on unfolded weights: components sum to hook_normalized (before the norm's weight);
+    the logit lens at the final layer runs the final norm itself, weight included."""
     model, ids, logits, cache = run
     parts = cache.decompose_resid(apply_ln=True, pos_slice=-1)
-    torch.testing.assert_close(parts.sum(0), cache["ln_final.hook_normalized"][:, -1:], rtol=1e-4, atol=1e-5)
-    final = cache.accumulated_resid(apply_ln=True)[-1]
-    torch.testing.assert_close(final, cache["ln_final.hook_normalized"], rtol=1e-5, atol=1e-5)
-    answer = ids[:, -1]
-    attrs = cache.logit_attrs(parts[:, :, 0], answer)
+    assert parts.shape == (9, 2, 64)  # an int pos_slice drops the axis, as in TransformerLens
+    torch.testing.assert_close(parts.sum(0), cache["ln_final.hook_normalized"][:, -1], rtol=1e-4, atol=1e-5)
+    mid = cache.decompose_resid(layer=2, mlp_input=True, apply_ln=True)
+    torch.testing.assert_close(mid.sum(0), cache["blocks.2.ln2.hook_normalized"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(cache.accumulated_resid(layer=2, apply_ln=True)[-1], cache["resid_pre", 2] / cache["scale", 2, "ln1"])
+    lens = cache.accumulated_resid(apply_ln=True)
+    assert torch.equal(lens[-1], model.ln_final(cache["resid_post", 3]))
+    assert torch.equal(lens[1], model.ln_final(cache["resid_pre", 1]))  # its own statistics, not the cached scale
+    first = cache.apply_ln_to_stack(parts[:, None, 0] * cache["scale"][None, 0, -1], batch_slice=(0, 1), pos_slice=-1)
+    torch.testing.assert_close(first, parts[:, None, 0])
+
+
+def test_logit_attrs_dot_with_w_u(run):
+    model, ids, logits, cache = run
+    answer, wrong = ids[:, -1], (ids[:, -1] + 1) % 256
+    raw = cache.decompose_resid(pos_slice=-1)
+    normalized = cache["ln_final.hook_normalized"][:, -1]
+    attrs = cache.logit_attrs(raw, answer, pos_slice=-1)
+    torch.testing.assert_close(attrs.sum(0), (normalized * model.W_U[:, answer].T).sum(-1), rtol=1e-4, atol=1e-4)
     want = logits[torch.arange(2), -1, answer]
-    torch.testing.assert_close(attrs.sum(0), want, rtol=1e-4, atol=1e-4)
-    wrong = (answer + 1) % 256
-    diff = cache.logit_attrs(parts[:, :, 0], answer, incorrect_tokens=wrong)
+    assert not torch.allclose(attrs.sum(0), want, atol=1e-2)  # the final norm's weight is not applied
+    weighted = cache.logit_attrs(raw * model.ln_final.w, answer, pos_slice=-1)  # ... until the stack carries it
+    torch.testing.assert_close(weighted.sum(0), want, rtol=1e-4, atol=1e-4)
+    diff = cache.logit_attrs(raw * model.ln_final.w, answer, incorrect_tokens=wrong, pos_slice=-1)
     torch.testing.assert_close(diff.sum(0), want - logits[torch.arange(2), -1, wrong], rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="token ids"):
+        cache.logit_attrs(raw, "cat")
 
 
 def test_stack_head_results(run):

@@ -83,23 +83,28 @@ def test_invariants_bit_for_bit(arch, attn):
             x = cache[f"{b}.hook_resid_pre"] if ln == "ln1" else cache[f"{b}.hook_resid_mid"]
             check_norm(model, getattr(model.blocks[i], ln), x, cache[f"{b}.{ln}.hook_scale"], cache[f"{b}.{ln}.hook_normalized"])
     check_norm(model, model.ln_final, cache[f"blocks.{n - 1}.hook_resid_post"], cache["ln_final.hook_scale"], cache["ln_final.hook_normalized"])
-    unembedded = F.linear(cache["ln_final.hook_normalized"], model.W_U.T)
+    unembedded = F.linear(model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"]), model.W_U.T)
     cap = model.cfg.output_logits_soft_cap
     assert torch.equal(logits, torch.tanh(unembedded / cap) * cap if cap > 0 else unembedded)
 
 
 def check_norm(model, module, x, scale, normalized):
-    """hook_scale is the divisor the norm applied (eps included): normalized = w * (x (- mean)) / scale."""
-    assert torch.equal(normalized, module(x))
+    """hook_scale is the divisor the norm applied (eps included); hook_normalized is TransformerLens's,
+    (x (- mean)) / scale in float32 before the weight, and the norm's output is it times w, bit for bit."""
+    output = module(x)
+    if module.w is None:  # a parameter-free norm (OLMo v1): hook_normalized is its output
+        assert torch.equal(normalized, output)
     if model.cfg.normalization_type == "LN":
-        want_scale = (x.var(-1, keepdim=True, unbiased=False) + model.cfg.eps).sqrt()
+        eps = model.cfg.eps
         x = x - x.mean(-1, keepdim=True)
     else:
         eps = module.eps if hasattr(module, "eps") else module.variance_epsilon
-        want_scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
-    weight = module.w if module.w is not None else 1.0
-    torch.testing.assert_close(normalized, weight * (x / scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scale, (x.pow(2).mean(-1, keepdim=True) + eps).sqrt(), rtol=1e-6, atol=0)
+    assert normalized.dtype == torch.float32
+    torch.testing.assert_close(normalized, x / scale, rtol=1e-5, atol=1e-6)
+    if module.w is not None:
+        assert not torch.allclose(module.w, torch.ones_like(module.w), atol=0.05), "the fixture's norm weights are random"
+        assert torch.equal(output, module.w * normalized)
 
 
 @pytest.mark.parametrize("arch", [a for a in ALL_ARCHS if a != "smollm3"])

@@ -211,7 +211,7 @@ def _check_adapted(adapted, plain_adapted, ids):
         logits, cache = adapted.run_with_cache(ids, names_filter=names)
         assert torch.equal(logits, plain_adapted(ids).logits)
         for i, layer in enumerate(layers(adapted.get_base_model())):
-            x = cache[f"blocks.{i}.ln1.hook_normalized"]
+            x = adapted.get_base_model().blocks[i].ln1(cache[f"blocks.{i}.hook_resid_pre"])  # ln1's output
             hook_q, hook_v = cache[f"blocks.{i}.attn.hook_q"], cache[f"blocks.{i}.attn.hook_v"]
             q, v = _q_and_v(config, layer, x)
             assert torch.equal(hook_q, q.view(hook_q.shape)) and torch.equal(hook_v, v.view(hook_v.shape))
@@ -254,7 +254,7 @@ def test_adapt_installed_model_then_merge_while_installed(arch):
         logits, cache = merged.run_with_cache(ids, names_filter=None if exact_kernel(arch) else own_kernel_names)
         torch.testing.assert_close(logits, plain_adapted(ids).logits, rtol=1e-5, atol=1e-4)
         layer = layers(merged)[0]
-        x = cache["blocks.0.ln1.hook_normalized"]
+        x = merged.blocks[0].ln1(cache["blocks.0.hook_resid_pre"])  # ln1's output
         hook_q = cache["blocks.0.attn.hook_q"]
         assert torch.equal(hook_q, _q_and_v(merged.config, layer, x)[0].view(hook_q.shape))
     tlshim.uninstall(merged)

@@ -235,6 +235,32 @@ def test_scale_edit_equals_norm_by_hand(arch):
         assert not torch.allclose(got, model(ids).logits, atol=1e-2), name
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_normalized_edit_goes_through_the_weight(arch):
+    """hook_normalized is before the norm's weight: adding v there adds w * v to the norm's output."""
+    model, twin = pair(arch)
+    ids, v = tokens(), vector(5)
+
+    def by_hand(module, args, output):
+        if arch == "olmo":  # parameter-free LayerNorm: its output is hook_normalized
+            return output + v
+        x = args[0].float()
+        eps = module.eps if arch == "gemma2" else module.variance_epsilon
+        normalized = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) + v
+        if arch == "gemma2":  # (1 + w), applied in float32
+            return (normalized * (1.0 + module.weight.float())).to(args[0].dtype)
+        return module.weight * normalized.to(args[0].dtype)
+
+    layer = twin.model.layers[LAYER]
+    for name, norm in ((f"blocks.{LAYER}.ln1.hook_normalized", layer.input_layernorm),
+                       (f"blocks.{LAYER}.ln2.hook_normalized", part(layer, arch, "ln2")),
+                       ("ln_final.hook_normalized", twin.model.norm)):
+        got = model.run_with_hooks(ids, fwd_hooks=[(name, add(v))])
+        want = run_ref(twin, ids, [norm.register_forward_hook(by_hand)])
+        assert torch.equal(got, want), name
+        assert not torch.allclose(got, model(ids).logits, atol=1e-2), name
+
+
 def uniform_causal(shape):
     pos = shape[-1]
     pattern = torch.ones(pos, pos).tril()

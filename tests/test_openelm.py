@@ -87,7 +87,9 @@ def test_invariants():
         assert not torch.allclose(cache[f"{b}.attn.hook_rot_q"], cache[f"{b}.attn.hook_q_normed"])
         gate = cache[f"{b}.mlp.hook_pre"]
         assert torch.equal(cache[f"{b}.mlp.hook_post"], F.silu(gate) * cache[f"{b}.mlp.hook_pre_linear"])
-    assert torch.equal(logits, F.linear(cache["ln_final.hook_normalized"], model.W_U.T))
+    final = cache["ln_final.hook_normalized"] * model.ln_final.w  # before the final norm's weight
+    assert torch.equal(final, model.ln_final(cache["blocks.3.hook_resid_post"]))
+    assert torch.equal(logits, F.linear(final, model.W_U.T))
 
 
 def slice_edit(start, stop, factor):

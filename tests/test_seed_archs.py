@@ -29,7 +29,9 @@ def test_gemma2_embed_is_scaled_and_post_norms_are_aliased():
         assert block.ln2 is layer.pre_feedforward_layernorm
         assert torch.equal(block.ln1.w, 1 + layer.input_layernorm.weight)
         assert torch.equal(block.ln2_post.w, 1 + layer.post_feedforward_layernorm.weight)
-        assert torch.equal(cache[f"blocks.{i}.hook_mlp_out"], block.ln2_post(block.mlp(cache[f"blocks.{i}.ln2.hook_normalized"])))
+        assert torch.equal(cache[f"blocks.{i}.hook_mlp_out"], block.ln2_post(block.mlp(block.ln2(cache[f"blocks.{i}.hook_resid_mid"]))))
+        # hook_normalized is before the (1 + w): the norm's output is it times w, in float32
+        assert torch.equal(block.ln2(cache[f"blocks.{i}.hook_resid_mid"]), cache[f"blocks.{i}.ln2.hook_normalized"] * block.ln2.w)
     assert model.cfg.output_logits_soft_cap == 30.0 and model.cfg.attn_scores_soft_cap == 50.0 and model.cfg.window_size == 4
 
 

@@ -1,15 +1,32 @@
 """ActivationCache: what run_with_cache returns, with TransformerLens's keys and analysis methods.
 
-tlshim does not fold norm weights into the next weights, so ``apply_ln_to_stack`` applies the norm's
-(effective) weight too: the result is linear in the stack and its components sum to the norm's output,
-which keeps ``logit_attrs`` summing to the logits.
+The norm methods follow TransformerLens on a model whose norm weights are not folded in:
+``apply_ln_to_stack`` centres (LayerNorm) and divides by the cached hook_scale, without the norm's
+weight, so its components sum to hook_normalized; ``accumulated_resid(apply_ln=True)`` up to the final
+layer runs the final norm itself (weight included) on each component; ``logit_attrs`` dots with W_U.
+Slices take TransformerLens's forms (an int drops the axis, a tuple is a slice, a list indexes).
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .names import act_name
+
+
+def _apply_slice(tensor, how, dim):
+    """TransformerLens's Slice: None keeps all, an int drops the axis, a tuple is slice(*tuple)."""
+    if how is None:
+        return tensor
+    if isinstance(how, tuple):
+        how = slice(*how)
+    elif isinstance(how, numbers.Integral) or (torch.is_tensor(how) and how.ndim == 0):
+        how = int(how)
+    index = [slice(None)] * tensor.ndim
+    index[dim] = how
+    return tensor[tuple(index)]
 
 
 class ActivationCache:
@@ -71,12 +88,6 @@ class ActivationCache:
     def _n_layers(self):
         return self.model.cfg.n_layers
 
-    @staticmethod
-    def _slice_pos(tensor, pos_slice):
-        if pos_slice is None:
-            return tensor
-        return tensor[..., [pos_slice] if isinstance(pos_slice, int) else pos_slice, :]
-
     def accumulated_resid(self, layer=None, incl_mid=False, apply_ln=False, pos_slice=None, mlp_input=False, return_labels=False):
         """The residual stream before each layer up to ``layer`` (n_layers = the final one), stacked."""
         if layer is None or layer == -1:
@@ -92,9 +103,10 @@ class ActivationCache:
             if (incl_mid and i < layer) or (mlp_input and i == layer):
                 components.append(self[f"blocks.{i}.hook_resid_mid"])
                 labels.append(f"{i}_mid")
-        stack = self._slice_pos(torch.stack(components), pos_slice)
+        stack = torch.stack([_apply_slice(c, pos_slice, -2) for c in components])
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input,
+                                           has_batch_dim=self.has_batch_dim, recompute_ln=layer == self._n_layers)
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(self, layer=None, mlp_input=False, mode="all", apply_ln=False, pos_slice=None, incl_embeds=True, return_labels=False):
@@ -118,7 +130,7 @@ class ActivationCache:
         if mlp_input and mode != "mlp" and layer < self._n_layers:
             components.append(self[f"blocks.{layer}.hook_attn_out"])
             labels.append(f"{layer}_attn_out")
-        stack = self._slice_pos(torch.stack(components), pos_slice)
+        stack = torch.stack([_apply_slice(c, pos_slice, -2) for c in components])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -146,35 +158,59 @@ class ActivationCache:
             total = self.accumulated_resid(layer)[-1]
             stack = torch.cat([stack, (total - stack.sum(0))[None]])
             labels.append("remainder")
-        stack = self._slice_pos(stack, pos_slice)
+        stack = _apply_slice(stack, pos_slice, -2)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def apply_ln_to_stack(self, residual_stack, layer=None, mlp_input=False, pos_slice=None, batch_slice=None, has_batch_dim=True):
-        """Apply, to each component, the norm that reads the residual stream at ``layer`` (cached scale)."""
-        if layer is None or layer == -1 or layer == self._n_layers:
-            prefix, module = "ln_final", self.model.ln_final
-        else:
-            ln = "ln2" if mlp_input else "ln1"
-            prefix, module = f"blocks.{layer}.{ln}", getattr(self.model.blocks[layer], ln)
-        scale = self._slice_pos(self[f"{prefix}.hook_scale"], pos_slice)
-        if batch_slice is not None:
-            scale = scale[batch_slice]
-        stack = residual_stack.float()
+    def apply_ln_to_stack(self, residual_stack, layer=None, mlp_input=False, pos_slice=None, batch_slice=None,
+                          has_batch_dim=True, recompute_ln=False):
+        """Each component as the norm reading the residual stream at ``layer`` sees it: centred (LayerNorm)
+        and divided by that norm's cached scale, before its weight (TransformerLens's unfolded semantics).
+
+        With ``recompute_ln`` at the final layer, the final norm itself (weight included) runs on each
+        component with its own statistics (the logit lens).
+        """
+        if layer is None or layer == -1:
+            layer = self._n_layers
+        if has_batch_dim:
+            residual_stack = _apply_slice(residual_stack, batch_slice, 1)
+        if recompute_ln and layer == self._n_layers:
+            return self.model.ln_final(residual_stack)
         if self.model.cfg.normalization_type == "LN":
-            stack = stack - stack.mean(-1, keepdim=True)
-        stack = stack / scale
-        weight = module.w
-        if weight is not None:
-            stack = stack * weight.detach().float()
-        return stack.to(residual_stack.dtype)
+            residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
+        prefix = "ln_final" if layer == self._n_layers else f"blocks.{layer}.ln{2 if mlp_input else 1}"
+        scale = _apply_slice(self[f"{prefix}.hook_scale"], pos_slice, -2)
+        if self.has_batch_dim:
+            scale = _apply_slice(scale, batch_slice, 0)
+        return residual_stack / scale
 
     def logit_attrs(self, residual_stack, tokens, incorrect_tokens=None, pos_slice=None, batch_slice=None, has_batch_dim=True):
-        """Each component's contribution to the logit of ``tokens`` (minus ``incorrect_tokens``)."""
-        w_u = self.model.W_U.detach()
-        directions = w_u[:, tokens].movedim(0, -1) if torch.is_tensor(tokens) else w_u[:, tokens]
+        """Each component's contribution to the logit of ``tokens`` (minus ``incorrect_tokens``): the stack
+        through ``apply_ln_to_stack`` at the final norm, dotted with the tokens' columns of W_U.
+
+        Without the final norm's weight, as in TransformerLens on unfolded weights: the attributions sum
+        to the logits only where that weight is ones (fold it into W_U, or scale the stack by ``ln_final.w``).
+        """
+        directions = self._residual_directions(tokens)
         if incorrect_tokens is not None:
-            wrong = w_u[:, incorrect_tokens].movedim(0, -1) if torch.is_tensor(incorrect_tokens) else w_u[:, incorrect_tokens]
+            wrong = self._residual_directions(incorrect_tokens)
+            if wrong.shape != directions.shape:
+                raise ValueError(f"tokens and incorrect_tokens must have the same shape; got {tuple(directions.shape[:-1])} "
+                                 f"and {tuple(wrong.shape[:-1])}")
             directions = directions - wrong
-        return (residual_stack * directions.to(residual_stack.dtype)).sum(-1)
+        scaled = self.apply_ln_to_stack(residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim)
+        int_batch = isinstance(batch_slice, numbers.Integral)
+        if has_batch_dim and not int_batch and scaled.ndim == 4 and directions.ndim == 2 and directions.shape[0] == scaled.shape[1]:
+            directions = directions.unsqueeze(-2)  # one token per example: broadcast over positions
+        return (scaled * directions.to(scaled.dtype)).sum(-1)
+
+    def _residual_directions(self, tokens):
+        """The columns of W_U for ``tokens`` (an int or a tensor of ids), d_model last."""
+        if isinstance(tokens, str):
+            raise TypeError(f"logit_attrs takes token ids (an int or a tensor), not the string {tokens!r}: "
+                            "pass model.to_tokens(...) ids instead")
+        w_u = self.model.W_U.detach()
+        if torch.is_tensor(tokens) and tokens.numel() > 1:
+            return w_u[:, tokens].movedim(0, -1)
+        return w_u[:, int(tokens)]

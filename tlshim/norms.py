@@ -1,8 +1,15 @@
-"""How each kind of norm computes its divisor (hook_scale) and applies an edited one."""
+"""How each kind of norm normalises (hook_scale, hook_normalized) and applies its weight.
+
+hook_normalized is TransformerLens's: the normalised input before the norm's weight and bias, in
+float32 as the norm computes it. ``weigh`` turns it into the norm's output the way the model does,
+so an unedited value gives the native output bit for bit and an edited one flows on exactly.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 def _eps(module):
@@ -13,33 +20,26 @@ def _eps(module):
     return 1e-5
 
 
-def _rms_scale(module, x):
-    return (x.float().pow(2).mean(-1, keepdim=True) + _eps(module)).sqrt()
-
-
 def _weight(module):
     return module.weight
 
 
-def _rms_apply(x, scale, weight, bias):
-    return weight * (x.float() / scale).to(x.dtype)
+def _rms_weigh(normalized, weight, bias, dtype):
+    """Llama-style RMSNorm: cast to the input dtype, then times the weight."""
+    return weight * normalized.to(dtype)
 
 
 def _offset_weight(module):
     return 1.0 + module.weight
 
 
-def _offset_rms_apply(x, scale, weight, bias):
-    return ((x.float() / scale) * (1.0 + weight.float())).to(x.dtype)
+def _offset_rms_weigh(normalized, weight, bias, dtype):
+    """Gemma's RMSNorm: times (1 + w) in float32, then cast."""
+    return (normalized * (1.0 + weight.float())).to(dtype)
 
 
-def _layer_scale(module, x):
-    return (x.float().var(-1, keepdim=True, unbiased=False) + _eps(module)).sqrt()
-
-
-def _layer_apply(x, scale, weight, bias):
-    dtype, x = x.dtype, x.float()
-    out = (x - x.mean(-1, keepdim=True)) / scale
+def _layer_weigh(normalized, weight, bias, dtype):
+    out = normalized
     if weight is not None:
         out = out * weight.float()
     if bias is not None:
@@ -53,24 +53,39 @@ def _no_weight(module):
 
 @dataclass(frozen=True)
 class Norm:
-    """A norm kind: TransformerLens's normalization_type and the three functions tlshim needs."""
+    """A norm kind: TransformerLens's normalization_type, whether it centres, and how it weighs."""
 
     tl_type: str
-    scale: object  # (module, x) -> the divisor, float32 (..., 1)
-    apply_fn: object  # (x, scale, weight, bias) -> the norm's output
+    center: bool
+    weigh_fn: object  # (normalized float32, weight, bias, dtype) -> the norm's output, as the model computes it
     effective_weight: object  # module -> what the output is multiplied by
 
-    def apply(self, module, x, scale, detach_params=False):
+    def statistics(self, module, x):
+        """(x in float32, centred for a LayerNorm; mean of its squares + eps): hook_scale is the root of the latter."""
+        x = x.float()
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
+        return x, x.pow(2).mean(-1, keepdim=True) + _eps(module)
+
+    @staticmethod
+    def normalize(centered, var_eps):
+        """hook_normalized, computed as the HF norms compute it (times rsqrt), so its weighed value is native."""
+        return centered * torch.rsqrt(var_eps)
+
+    @staticmethod
+    def has_weight(module) -> bool:
+        return getattr(module, "weight", None) is not None
+
+    def weigh(self, module, normalized, dtype, detach_params=False):
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if detach_params:
             weight = None if weight is None else weight.detach()
             bias = None if bias is None else bias.detach()
-        return self.apply_fn(x, scale, weight, bias)
+        return self.weigh_fn(normalized, weight, bias, dtype)
 
 
-RMS = Norm("RMS", _rms_scale, _rms_apply, _weight)
+RMS = Norm("RMS", False, _rms_weigh, _weight)
 #: Gemma's RMSNorm multiplies by (1 + w); its alias exposes that effective weight.
-OFFSET_RMS = Norm("RMS", _rms_scale, _offset_rms_apply, _offset_weight)
+OFFSET_RMS = Norm("RMS", False, _offset_rms_weigh, _offset_weight)
 #: A LayerNorm without parameters (OLMo v1), or with them.
-LAYER = Norm("LN", _layer_scale, _layer_apply, _no_weight)
-
+LAYER = Norm("LN", True, _layer_weigh, _no_weight)

@@ -209,10 +209,11 @@ class MlpOutSite(Site):
 
 
 class NormSite(Site):
-    """A norm: hook_scale (the divisor it applies) and hook_normalized (its output).
+    """A norm: hook_scale (the divisor it applies) and hook_normalized (its input before the weight).
 
-    The scale is computed only while hooked; an edited scale is applied with the spec's norm formula
-    instead of the module's own forward.
+    Both are computed only while hooked. Unedited, the output is the module's own; an edited scale
+    or normalized value goes through the norm's weight as the model applies it (``Norm.weigh``).
+    A norm without a weight (OLMo v1) fires hook_normalized on its output, which is that value.
     On the pre-MLP norm, in_points hold resid_mid and ``layer_site`` receives an edit of it.
     """
 
@@ -228,19 +229,34 @@ class NormSite(Site):
             self.layer_site.mid_override = edited
         return edited
 
+    def on_output(self, y):
+        return y if self.norm.has_weight(self.module) else fire_points(self.out_points, y)
+
     def call(self, wrapped, args, kwargs):
-        if not self.scale_point.active:
+        before_weight = self.norm.has_weight(self.module) and any(point.active for point, _ in self.out_points)
+        if not (self.scale_point.active or before_weight):
             return wrapped(*args, **kwargs)
         x = first_input(args, kwargs)
-        grad_link = needs_grad_link(self.scale_point)
-        scale = self.norm.scale(self.module, x.detach() if grad_link else x)
-        if grad_link:
-            scale.requires_grad_()
-        edited = self.scale_point.fire(scale)
-        if edited is not scale:
-            return self.norm.apply(self.module, x, edited)
-        out = wrapped(*args, **kwargs)
-        return with_grad_link(out, self.norm.apply(self.module, x.detach(), scale, detach_params=True)) if grad_link else out
+        centered, var_eps = self.norm.statistics(self.module, x)
+        scale = edited_scale = link = None
+        if self.scale_point.active:
+            scale = var_eps.sqrt()
+            if needs_grad_link(self.scale_point):  # dL/d(scale) through the value divided by it
+                scale = scale.detach().requires_grad_()
+                link = centered.detach() / scale
+            edited_scale = self.scale_point.fire(scale)
+        if edited_scale is not scale:  # an edited divisor: the output follows from it
+            normalized = centered / edited_scale
+            edited = fire_points(self.out_points, normalized) if before_weight else normalized
+            return self.norm.weigh(self.module, edited, x.dtype)
+        if before_weight:
+            normalized = self.norm.normalize(centered, var_eps)
+            normalized = normalized if link is None else with_grad_link(normalized, link)
+            edited = fire_points(self.out_points, normalized)
+            if edited is not normalized or any(point.bwd_hooks for point, _ in self.out_points):
+                return self.norm.weigh(self.module, edited, x.dtype)
+        out = wrapped(*args, **kwargs)  # nothing edited: the module's own output
+        return out if link is None else with_grad_link(out, self.norm.weigh(self.module, link, x.dtype, detach_params=True))
 
 
 class OutProjSite(Site):
