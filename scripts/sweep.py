@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("types", nargs="*")
     parser.add_argument("--write", action="store_true", help="write tlshim/sweep.json and README.md's table")
     args = parser.parse_args(argv)
-    results = sweep(args.types or None)
+    results = sweep(args.types or None, progress=True)
     version = Version(transformers.__version__)
     print(summary(results, version))
     if args.write:

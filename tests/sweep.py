@@ -9,11 +9,13 @@ the vector after the attention sub-layer by hand; uninstall gives back the exact
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
 import signal
 import sys
+import tempfile
 import traceback
 import warnings
 
@@ -37,7 +39,7 @@ def check(model_type: str) -> dict:
         model, twin = build(model_type), build(model_type)
         ids = tokens()
         with torch.no_grad():
-            native = twin(input_ids=ids).logits
+            native = twin(input_ids=ids, use_cache=False).logits
     except Exception as err:  # the type itself does not run tiny on input_ids
         return {"status": NOT_RUN, "reason": _short(err)}
     before = _snapshot(model)
@@ -63,26 +65,26 @@ def check(model_type: str) -> dict:
 def _failures(model, twin, ids, native):
     failures = []
     with torch.no_grad():
-        if not torch.equal(model(input_ids=ids).logits, native):
+        if not torch.equal(model(input_ids=ids, use_cache=False).logits, native):
             failures.append("idle logits differ from native")
         report = tlshim.verify(model, ids)
         failures += [f"{f.name}: {f.check} {f.detail}".strip() for f in report.failures]
         spec, d_head = model._tlshim.spec, model.cfg.d_head
-        zeroed = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", _zero_head0)])
+        zeroed = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", _zero_head0)], use_cache=False)
         o_proj = get_path(twin, f"{spec.layers}.0.{spec.attn}.{spec.o_proj}")
         handle = o_proj.register_forward_pre_hook(lambda m, args: (_zero_columns(args[0], d_head),))
         try:
-            by_hand = twin(input_ids=ids).logits
+            by_hand = twin(input_ids=ids, use_cache=False).logits
         finally:
             handle.remove()
         if not torch.equal(zeroed, by_hand):
             failures.append("an edit of hook_z differs from the same edit by hand")
         vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
-        steered = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_mid", lambda x, hook: x + vector)])
+        steered = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_mid", lambda x, hook: x + vector)], use_cache=False)
         attn_out = get_path(twin, f"{spec.layers}.0.{spec.attn_out}")
         handle = attn_out.register_forward_hook(lambda m, args, out: _add_to_first(out, vector))
         try:
-            by_hand = twin(input_ids=ids).logits
+            by_hand = twin(input_ids=ids, use_cache=False).logits
         finally:
             handle.remove()
         if (steered - by_hand).abs().max() > 1e-5 * by_hand.abs().max():  # the sum order differs: not bit for bit
@@ -120,29 +122,46 @@ def _short(err) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
 
 
-def sweep(model_types=None, memory_gib=6, seconds=120) -> dict:
+def _import_once(model_types):
+    """Import each type's config and modeling classes in the parent, so the forked children share them."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    for model_type in model_types:
+        try:
+            CONFIG_MAPPING[model_type]
+            module = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}")
+            getattr(module, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        except Exception:  # the child reports what fails
+            pass
+
+
+def sweep(model_types=None, memory_gib=6, seconds=120, progress=False) -> dict:
     """{model_type: check(...)} for the given types (all of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES by default)."""
     results = {}
-    for model_type in model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read)
-            resource.setrlimit(resource.RLIMIT_AS, (memory_gib << 30, memory_gib << 30))
-            signal.alarm(seconds)
-            try:
-                result = check(model_type)
-            except BaseException as err:  # a crash of the check itself is a finding too
-                result = {"status": FAILED, "reason": f"the check crashed: {_short(err)}", "trace": traceback.format_exc()[-500:]}
-            os.write(write, json.dumps(result).encode())
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as pipe:
-            text = pipe.read()
-        _, status = os.waitpid(pid, 0)
+    model_types = model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    _import_once(model_types)
+    for model_type in model_types:
+        # the result goes through a file: a pipe would stay open in any process the child leaves behind
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+            pid = os.fork()
+            if pid == 0:
+                resource.setrlimit(resource.RLIMIT_AS, (memory_gib << 30, memory_gib << 30))
+                signal.alarm(seconds)
+                try:
+                    result = check(model_type)
+                except BaseException as err:  # a crash of the check itself is a finding too
+                    result = {"status": FAILED, "reason": f"the check crashed: {_short(err)}", "trace": traceback.format_exc()[-500:]}
+                with open(out.name, "w") as handle:
+                    json.dump(result, handle)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            text = out.read()
         results[model_type] = json.loads(text) if text else {"status": NOT_RUN, "reason": f"the child died (status {status}: memory or time limit)"}
+        if progress:
+            print(f"{model_type}: {results[model_type]['status']}", file=sys.stderr, flush=True)
     return results
 
 
 if __name__ == "__main__":
-    print(json.dumps(sweep(sys.argv[1:] or None), indent=1))
+    print(json.dumps(sweep(sys.argv[1:] or None, progress=True), indent=1))

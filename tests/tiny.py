@@ -62,17 +62,26 @@ def _shrink(config):
         kinds = list(dict.fromkeys(layer_types))
         attention = [k for k in kinds if "attention" in str(k)]
         other = [k for k in kinds if k not in attention]
-        config.layer_types = (other[:1] + attention[:1]) if other and attention else layer_types[:1] * 2
-        if len(config.layer_types) < 2:
-            config.layer_types = config.layer_types * 2
+        wanted = (other[:1] + attention[:1]) if other and attention else layer_types[:1] * 2
+        try:
+            config.layer_types = wanted
+        except AttributeError:  # derived from another field (a read-only property)
+            pass
+    if getattr(config, "kv_lora_rank", None) and hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = config.num_attention_heads  # MLA: as many KV heads as heads
+    if hasattr(config, "rope_theta") and getattr(config, "rope_theta", 0) is None:
+        config.rope_theta = 10000.0
     if hasattr(config, "initializer_range"):
         config.initializer_range = 2 / D_MODEL**0.5
 
 
-def build(model_type: str, seed: int = 0, attn_implementation: str = "eager"):
-    """A tiny random model of ``model_type`` in float32, eval mode, norm weights drawn around 1."""
+def build(model_type: str, seed: int = 0, attn_implementation: str = "eager", **config_fields):
+    """A tiny random model of ``model_type`` in float32, eval mode, norm weights drawn around 1
+    (``config_fields`` are set on the tiny config before the model is built)."""
     torch.manual_seed(seed)
     config = tiny_config(model_type)
+    for name, value in config_fields.items():
+        setattr(config, name, value)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, torch_dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -21,6 +21,9 @@ from .errors import UnsupportedModelError, UnsupportedVersionError
 #: model_type -> patch package; the one place architectures are registered.
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "olmo", "smollm3", "openelm")
 
+#: What the sweep says of a causal-LM type (tests/sweep.py)
+SWEEP_STATUSES = ("verified", "failed", "unsupported", "not runnable")
+
 #: The transformers versions the tox matrix runs (plus the newest release, whatever it is).
 TESTED_VERSIONS = ("4.48.3", "4.53.3", "4.57.6", "5.0.0", "5.12.1", "5.23.0", "5.24.0")
 
@@ -99,12 +102,17 @@ def _derived_spec(model, model_type, version):
 
 
 @functools.cache
-def verified_types() -> frozenset:
-    """The model types the project's sweep (scripts/sweep.py) verified through the structural path on
-    the installed transformers version (its major.minor), from the shipped sweep table."""
+def sweep_results() -> dict:
+    """{model_type: result} of the project's sweep (scripts/sweep.py) on the installed transformers
+    version (its major.minor), from the shipped table; {} where the sweep did not run on it."""
     table = json.loads(resources.files("tlshim").joinpath("sweep.json").read_text())
     version = transformers_version()
-    return frozenset(table.get("verified", {}).get(f"{version.major}.{version.minor}", ()))
+    return table.get("results", {}).get(f"{version.major}.{version.minor}", {})
+
+
+def verified_types() -> frozenset:
+    """The model types the sweep verified on the installed transformers version (install silently)."""
+    return frozenset(t for t, result in sweep_results().items() if result["status"] == "verified")
 
 
 def supported() -> dict:
@@ -117,6 +125,7 @@ def supported() -> dict:
 
     version = transformers_version()
     report = {"torch": torch.__version__, "transformers": str(version), "tested_versions": list(TESTED_VERSIONS), "architectures": {}}
+    report["sweep"] = {status: sorted(t for t, r in sweep_results().items() if r["status"] == status) for status in SWEEP_STATUSES}
     for model_type in ARCHITECTURES:
         found = spec_in_range(model_type, version)
         report["architectures"][model_type] = {

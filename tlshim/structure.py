@@ -51,11 +51,12 @@ def derive_spec(model) -> ArchSpec:
     attn_name = _child(layer, ATTENTION, "attention module", layers_path)
     mlp_name = _child(layer, MLP, "MLP module", layers_path)
     attn, mlp = getattr(layer, attn_name), getattr(layer, mlp_name)
-    q, k, v, o = _attention_projections(attn, f"{layers_path}.0.{attn_name}")
+    q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
     gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
     qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
     _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
 
+    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
     flow = _probe(model, layer)
     roles = _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
     norm_kind = _norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
@@ -164,6 +165,8 @@ def _structural_cfg(found, model):
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
+        attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
+        output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or -1.0,
     )
 
 
@@ -203,14 +206,14 @@ def _names(module, options, where, what):
     )
 
 
-def _attention_projections(attn, where):
+def _attention_projections(attn, config, where):
     """(q, k, v, o) projection names; q, k and v name the same module where it is fused."""
     separate = _names(attn, PROJECTIONS, None, None)
     if separate:
         return separate
     fused = _names(attn, FUSED_QKV, None, None)
     if fused:
-        n_heads, n_kv, d_head = structural_head_counts(attn, attn.config)
+        n_heads, n_kv, d_head = structural_head_counts(attn, config)
         if (n_heads + 2 * n_kv) * d_head != getattr(attn, fused[0]).out_features or n_kv <= 0:
             raise UnsupportedModelError(f"the fused projection {fused[0]} at {where} does not split into q, k, v heads")
         return fused[0], fused[0], fused[0], fused[1]
@@ -235,6 +238,19 @@ def _mlp_projections(mlp, where):
         f"no MLP projections found in {type(mlp).__name__} at {where} (looked for {GATED}, {FUSED_GATE_UP} and "
         f"{PLAIN} as nn.Linear; it has {', '.join(mlp._modules)})"
     )
+
+
+def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
+    """The first block's layout is every block's (not so where some blocks hold a mixture of experts)."""
+    for i, layer in enumerate(layers):
+        for owner, *children in (attn_paths, mlp_paths):
+            module = getattr(layer, owner, None)
+            missing = [c for c in children if c and not isinstance(getattr(module, c, None), nn.Linear)]
+            if module is None or missing:
+                raise UnsupportedModelError(
+                    f"block {i} at {layers_path}.{i} is not laid out as block 0 ({owner} lacks {missing or 'itself'}): "
+                    "blocks of different kinds (a mixture of experts in some) are not supported by the structural path"
+                )
 
 
 def _uses_attention_registry(attn, where):
@@ -383,7 +399,11 @@ def _norm_kind(module, flow, name):
     x, out = flow.inputs[name], flow.outputs[name]
     best = None
     for label, kind in NORM_KINDS:
-        candidate = kind.apply(module, x, kind.scale(module, x))
+        try:
+            centered, var_eps = kind.statistics(module, x)
+            candidate = kind.weigh(module, kind.normalize(centered, var_eps), x.dtype)
+        except (TypeError, RuntimeError, AttributeError):  # e.g. a norm without weight for a kind that needs one
+            continue
         if candidate.shape == out.shape and torch.allclose(candidate, out, rtol=1e-4, atol=1e-5):
             best = kind
             break

@@ -82,8 +82,8 @@ def _verify(model, input_ids):
         input_ids = torch.randint(0, cfg.d_vocab, (2, 12), generator=generator).to(cfg.device)
     batch, pos = input_ids.shape
     with torch.no_grad():
-        idle = model(input_ids=input_ids).logits
-        logits, cache = model.run_with_cache(input_ids, names_filter=lambda name: True)
+        idle = model(input_ids=input_ids, use_cache=False).logits
+        logits, cache = model.run_with_cache(input_ids, names_filter=lambda name: True, use_cache=False)
 
     def same(name, check, a, b, exact=True):
         if a.shape != b.shape:

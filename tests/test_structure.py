@@ -1,0 +1,64 @@
+"""The structural path: a model type with no spec gets a layout read from its modules and checked on a
+probing forward; tlshim.verify reports, hook name by hook name, what holds."""
+
+import warnings
+
+import pytest
+import torch
+
+import tlshim
+from tlshim import registry
+
+from tiny import build, tokens
+
+
+def test_an_unverified_type_installs_with_a_warning_saying_what_was_inferred(monkeypatch):
+    monkeypatch.setattr(registry, "verified_types", lambda: frozenset())
+    model = build("helium")
+    with pytest.warns(UserWarning, match=r"inferred its layout from the modules: blocks at model\.layers.*tlshim\.verify"):
+        tlshim.install(model)
+    assert tlshim.verify(model).ok
+    tlshim.uninstall(model)
+
+
+def test_a_verified_type_installs_silently(monkeypatch):
+    monkeypatch.setattr(registry, "verified_types", lambda: frozenset({"helium"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tlshim.install(build("helium"))
+
+
+@pytest.mark.filterwarnings("ignore:tlshim has no spec")
+def test_structural_hooks_equal_a_llama_specs_on_the_same_weights():
+    """helium is Llama's layout under another name: the derived layout gives every hook Llama's spec gives."""
+    derived, reference = build("helium"), build("helium")
+    reference.config.model_type = "llama"
+    tlshim.install(derived)
+    tlshim.install(reference)
+    assert set(derived.hook_dict) == set(reference.hook_dict)
+    ids = tokens()
+    _, mine = derived.run_with_cache(ids, names_filter=lambda name: True)
+    _, theirs = reference.run_with_cache(ids, names_filter=lambda name: True)
+    for name in theirs:
+        assert torch.equal(mine[name], theirs[name]), name
+    assert derived.cfg.to_dict() | {"original_architecture": None} == reference.cfg.to_dict() | {"original_architecture": None}
+
+
+def test_the_probe_refuses_a_residual_that_is_not_a_plain_sum():
+    model = build("granite", residual_multiplier=0.5)  # attention and MLP outputs scaled before the sum
+    with pytest.raises(tlshim.UnsupportedModelError, match="residual stream is not block input \\+ attention output"):
+        tlshim.install(model)
+    assert not tlshim.is_installed(model)
+
+
+@pytest.mark.filterwarnings("ignore:tlshim has no spec")
+def test_verify_names_the_hook_whose_invariant_breaks():
+    model = tlshim.install(build("helium"))
+    assert tlshim.verify(model).ok
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    try:
+        report = tlshim.verify(model)
+    finally:
+        handle.remove()
+    assert not report.ok and {f.name for f in report.failures} == {"logits"}
+    assert "logits" in str(report)
