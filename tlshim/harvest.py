@@ -103,8 +103,8 @@ def _model_identity(model) -> dict:
     }
 
 
-def _claim_folder(out, run, rank):
-    """Check that ``out`` is new, empty or holds a harvest with the same arguments; rank 0 then pins them."""
+def _claim_folder(out, run):
+    """Check that ``out`` is new, empty or holds a harvest with the same arguments, then pin them (rank 0 only)."""
     path = os.path.join(out, "run.json")
     try:
         os.makedirs(out, exist_ok=True)
@@ -112,7 +112,7 @@ def _claim_folder(out, run, rank):
         if os.path.exists(path):
             with open(path) as fh:
                 existing = json.load(fh)
-        elif [f for f in os.listdir(out) if not f.startswith(".")] and rank == 0:
+        elif [f for f in os.listdir(out) if not f.startswith(".")]:
             raise HarvestError(f"{out} is not empty and holds no harvest (no run.json): harvest into a new or empty folder")
         if existing is not None and existing != run:
             diff = [f"{key}: {existing.get(key)!r} there, {run.get(key)!r} here" for key in sorted(set(existing) | set(run)) if existing.get(key) != run.get(key)]
@@ -120,8 +120,11 @@ def _claim_folder(out, run, rank):
                 f"{out} holds a harvest made with other arguments ({'; '.join(diff)}). Rerun with the same arguments to "
                 "resume it, or harvest into another folder"
             )
-        if existing is None and rank == 0:
+        if existing is None:
             _write_json(path, run)
+        for name in os.listdir(out):  # a killed run's partial shards: no other rank writes before the barrier
+            if name.startswith(".shard-") and ".tmp-" in name:
+                os.remove(os.path.join(out, name))
     except HarvestError:
         raise
     except OSError as exc:
@@ -187,7 +190,7 @@ def _progress(enabled, total, initial):
     return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="harvest", dynamic_ncols=True, file=sys.stderr)
 
 
-def _manifest(out, run, shards, world, elapsed):
+def _manifest(out, run, shards, last_run):
     first = read_shard(os.path.join(out, shards[0]["file"]))
     from . import __version__
 
@@ -208,8 +211,7 @@ def _manifest(out, run, shards, world, elapsed):
         "shards": shards,
         "data": run["data"],
         "batch_size": run["batch_size"],
-        "world_size": world,
-        "seconds": round(elapsed, 3),
+        "last_run": last_run,
     }
 
 
@@ -256,49 +258,65 @@ def harvest(model, data, names, out, *, tokenizer=None, context_size=128, pack=T
         "shard_contexts": shard_contexts, "contexts": len(contexts), "tokens": len(contexts.tokens),
         "data": {"source": contexts.source, "sha256": contexts.sha256()},
     }
+    bounds = [(s, s * shard_contexts, min((s + 1) * shard_contexts, len(contexts))) for s in range(n_shards)]
     try:
         if rank == 0:
-            _claim_folder(out, run, rank)
+            _claim_folder(out, run)
+        done = {s for s, _, _ in bounds if os.path.exists(os.path.join(out, shard_file(s)))}  # before any rank writes
         _barrier(world)
-        if rank != 0:
-            _claim_folder(out, run, rank)
-        bounds = [(s, s * shard_contexts, min((s + 1) * shard_contexts, len(contexts))) for s in range(n_shards)]
-        done = {s for s, _, _ in bounds if os.path.exists(os.path.join(out, shard_file(s)))}
-        tokens_of = lambda first, last: int(contexts.offsets[last] - contexts.offsets[first])  # noqa: E731
-        bar = _progress(progress and rank == 0, len(contexts.tokens), sum(tokens_of(a, b) for s, a, b in bounds if s in done))
-        collector = _Collector(names, dtype, shard_contexts * per_context)
-        device = model.get_input_embeddings().weight.device
-        on_batch = (lambda n: bar.update(min(n * world, bar.total - bar.n))) if bar else (lambda n: None)
-        began = time.perf_counter()
-        with torch.no_grad(), model.hooks(fwd_hooks=collector.hooks()):
-            for s, first, last in bounds:
-                if s % world != rank or s in done:
-                    continue
-                tensors = _run_shard(model, contexts, collector, first, last, batch_size, positions, device, on_batch)
-                _save(out, s, tensors)
-                done.add(s)
-        if bar:
-            bar.close()
-        _barrier(world)
-        shards = [{"file": shard_file(s), "contexts": [a, b], "rows": sum(len(kept_positions(contexts.length(i), positions)) for i in range(a, b))} for s, a, b in bounds]
-        if rank == 0:
-            missing = [shard["file"] for shard in shards if not os.path.exists(os.path.join(out, shard["file"]))]
-            if missing:
-                raise HarvestError(f"shards missing after every rank finished: {missing[:5]}; rerun with the same arguments")
-            manifest = _manifest(out, run, shards, world, time.perf_counter() - began)
-            _write_json(os.path.join(out, "manifest.json"), manifest)
-            if saelens:
-                from .harvest_read import open_harvest
-
-                open_harvest(out).save_saelens(os.path.join(out, "saelens"))
-        _barrier(world)
-        with open(os.path.join(out, "manifest.json")) as fh:
+        with open(os.path.join(out, "run.json")) as fh:
+            if json.load(fh) != run:  # rank 0 pinned other arguments: this rank was started with other ones
+                raise HarvestError(f"rank {rank} got other arguments than rank 0: every rank must run harvest with the same ones")
+        manifest_path = os.path.join(out, "manifest.json")
+        if len(done) < n_shards or not os.path.exists(manifest_path):
+            began = time.perf_counter()
+            bar = _progress(progress and rank == 0, len(contexts.tokens), sum(contexts.span(a, b) for s, a, b in bounds if s in done))
+            own = [bound for bound in bounds if bound[0] % world == rank and bound[0] not in done]
+            _harvest_shards(model, contexts, own, _Collector(names, dtype, shard_contexts * per_context), batch_size, positions, out, bar, world)
+            _barrier(world)
+            if rank == 0:
+                kept = _kept_counts(lengths, positions)
+                shards = [{"file": shard_file(s), "contexts": [a, b], "rows": int(kept[a:b].sum())} for s, a, b in bounds]
+                last_run = {"seconds": round(time.perf_counter() - began, 3), "tokens": sum(contexts.span(a, b) for s, a, b in bounds if s not in done), "world_size": world}
+                _finish(out, run, shards, last_run, saelens)
+            _barrier(world)
+        with open(manifest_path) as fh:
             return json.load(fh)
     finally:
         if started:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _kept_counts(lengths, positions):
+    if positions == "all":
+        return lengths
+    return lengths - 1 if positions == "drop_bos" else torch.ones_like(lengths)
+
+
+def _harvest_shards(model, contexts, own, collector, batch_size, positions, out, bar, world):
+    """Run and write this rank's shards; the bar (rank 0's) counts its tokens times the world size."""
+    device = model.get_input_embeddings().weight.device
+    on_batch = (lambda n: bar.update(min(n * world, bar.total - bar.n))) if bar else (lambda n: None)
+    with torch.no_grad(), model.hooks(fwd_hooks=collector.hooks()):
+        for s, first, last in own:
+            tensors = _run_shard(model, contexts, collector, first, last, batch_size, positions, device, on_batch)
+            _save(out, s, tensors)
+    if bar:
+        bar.close()
+
+
+def _finish(out, run, shards, last_run, saelens):
+    """Rank 0, once every rank is done: check the shards, write the manifest (and the SAELens layout)."""
+    missing = [shard["file"] for shard in shards if not os.path.exists(os.path.join(out, shard["file"]))]
+    if missing:
+        raise HarvestError(f"shards missing after every rank finished: {missing[:5]}; rerun with the same arguments")
+    _write_json(os.path.join(out, "manifest.json"), _manifest(out, run, shards, last_run))
+    if saelens:
+        from .harvest_read import open_harvest
+
+        open_harvest(out).save_saelens(os.path.join(out, "saelens"))
 
 
 def _save(out, index, tensors):

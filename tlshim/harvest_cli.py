@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         m = manifest
         size = sum(os.path.getsize(os.path.join(args.out, s["file"])) for s in m["shards"])
-        rate = m["tokens"] / m["seconds"] if m["seconds"] else float("nan")
+        run = m["last_run"]
+        rate = run["tokens"] / run["seconds"] if run["seconds"] else float("nan")
         print(f"harvested {m['tokens']} tokens ({m['contexts']} contexts, {m['rows']} rows) at {len(m['names'])} names into "
-              f"{args.out}: {len(m['shards'])} shards, {size / 1e6:.1f} MB, {m['seconds']:.1f} s ({rate:.0f} tokens/s), "
-              f"{m['world_size']} process{'es' if m['world_size'] > 1 else ''}")
+              f"{args.out}: {len(m['shards'])} shards, {size / 1e6:.1f} MB; this run: {run['tokens']} tokens in {run['seconds']:.1f} s "
+              f"({rate:.0f} tokens/s), {run['world_size']} process{'es' if run['world_size'] > 1 else ''}")
     return 0

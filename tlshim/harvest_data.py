@@ -47,6 +47,10 @@ class Contexts:
     def length(self, i) -> int:
         return int(self.offsets[i + 1] - self.offsets[i])
 
+    def span(self, first, last) -> int:
+        """Tokens in contexts ``first .. last - 1``."""
+        return int(self.offsets[last] - self.offsets[first])
+
     def sha256(self) -> str:
         digest = hashlib.sha256(self.offsets.numpy().tobytes())
         digest.update(self.tokens.numpy().tobytes())
