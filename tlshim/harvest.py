@@ -147,7 +147,9 @@ class _Collector:
         axis = 2 if name.endswith(_ATTN) else 1
 
         def keep(tensor, hook):
-            picked = tensor.detach().index_select(axis, self.picks.to(tensor.device)).movedim(axis, 1).flatten(0, 1)
+            if self.picks is not None:
+                tensor = tensor.index_select(axis, self.picks.to(tensor.device))
+            picked = tensor.detach().movedim(axis, 1).flatten(0, 1)  # a view for every position of a (b p ...) name
             buffer = self.buffers.get(name)
             if buffer is None or buffer.shape[1:] != picked.shape[1:]:
                 if buffer is not None and self.row:
@@ -168,12 +170,13 @@ def _run_shard(model, contexts, collector, first, last, batch_size, positions, d
         while stop < last and stop - start < batch_size and contexts.length(stop) == contexts.length(start):
             stop += 1  # a batch holds contexts of one length (no padding)
         ids = torch.stack([contexts[i] for i in range(start, stop)])
-        collector.picks = kept_positions(ids.shape[1], positions)
+        picks = kept_positions(ids.shape[1], positions)
+        collector.picks = None if positions == "all" else picks
         model(input_ids=ids.to(device), use_cache=False)
-        kept = ids[:, collector.picks]
+        kept = ids[:, picks]
         tokens.append(kept.reshape(-1))
-        sequence.append(torch.arange(start, stop).repeat_interleave(len(collector.picks)))
-        position.append(collector.picks.repeat(stop - start))
+        sequence.append(torch.arange(start, stop).repeat_interleave(len(picks)))
+        position.append(picks.repeat(stop - start))
         collector.row += kept.numel()
         on_batch(ids.numel())
         start = stop
