@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -160,6 +161,8 @@ def test_hf_and_saelens_views(llama, text_file, tmp_path):
     rows = hf[:]
     for name in (*h.names, "tokens", "sequence", "position"):
         assert torch.equal(rows[name], h.column(name).reshape(len(h), -1).squeeze(-1)), name
+    batch = next(iter(torch.utils.data.DataLoader(pickle.loads(pickle.dumps(h)), batch_size=64)))
+    assert torch.equal(batch["blocks.0.attn.hook_z"], h.column("blocks.0.attn.hook_z")[:64])
     row = h[37]
     assert torch.equal(row["blocks.1.attn.hook_pattern"], h.column("blocks.1.attn.hook_pattern")[37]) and int(row["position"]) == 37 % 16
     saved = datasets.load_from_disk(str(tmp_path / "saelens"))

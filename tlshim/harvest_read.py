@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +43,9 @@ class Harvest(torch.utils.data.Dataset):
     def __len__(self):
         return self._starts[-1]
 
+    def __getstate__(self):  # DataLoader workers map the shards again rather than receive copies
+        return {**self.__dict__, "_open": {}}
+
     def shard(self, index) -> dict:
         if index not in self._open:
             self._open[index] = read_shard(os.path.join(self.folder, self.manifest["shards"][index]["file"]))
@@ -66,13 +70,14 @@ class Harvest(torch.utils.data.Dataset):
         """
         datasets = require("datasets", "open_harvest(...).to_hf()")
         pa = require("pyarrow", "open_harvest(...).to_hf()")
+        # an explicit fingerprint: deriving one would hash (read) every row
+        key = hashlib.sha256(json.dumps([os.path.abspath(self.folder), self.manifest], sort_keys=True).encode()).hexdigest()[:16]
         parts = []
-        for s, shard in enumerate(self.manifest["shards"]):
+        for s in range(len(self.manifest["shards"])):
             tensors = self.shard(s)
             columns = {key: _arrow(pa, tensors[key], key) for key in (*self.names, *INDEX)}
             table = datasets.table.InMemoryTable(pa.table(columns))
-            # an explicit fingerprint: deriving one would hash (read) every row
-            parts.append(datasets.Dataset(table, fingerprint=f"tlshim-harvest-{self.manifest['data']['sha256'][:16]}-{s}"))
+            parts.append(datasets.Dataset(table, fingerprint=f"tlshim-harvest-{key}-{s}"))
         return datasets.concatenate_datasets(parts)
 
     def save_saelens(self, path):
