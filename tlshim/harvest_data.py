@@ -79,6 +79,13 @@ def _split(dataset, split):
     return dataset
 
 
+def _lines(path):
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield line.rstrip("\n")
+
+
 def _documents(data, text_column, split):
     """(documents, source): documents are strings or lists of token ids."""
     if _is_datasets_object(data):
@@ -94,11 +101,10 @@ def _documents(data, text_column, split):
             return _rows_to_documents(_split(dataset, split), text_column), f"dataset folder {os.path.abspath(path)}"
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no data at {path!r}: give a text file (one document a line), a .jsonl file, a dataset folder, or token ids")
-        with open(path, encoding="utf-8") as fh:
-            lines = [line.rstrip("\n") for line in fh if line.strip()]
+        lines = _lines(path)
         if path.endswith((".jsonl", ".json")):
             return _rows_to_documents(map(json.loads, lines), text_column), f"jsonl file {os.path.abspath(path)}"
-        return iter(lines), f"text file {os.path.abspath(path)}"
+        return lines, f"text file {os.path.abspath(path)}"
     if isinstance(data, (list, tuple)):
         return iter(data), f"list of {len(data)} documents"
     raise TypeError(f"harvest data of type {type(data).__name__}: give a path, a datasets Dataset, a list of strings or token-id lists, or a 2-D tensor of token ids")
