@@ -281,8 +281,12 @@ def harvest(model, data, names, out, *, tokenizer=None, context_size=128, pack=T
                 kept = _kept_counts(lengths, positions)
                 shards = [{"file": shard_file(s), "contexts": [a, b], "rows": int(kept[a:b].sum())} for s, a, b in bounds]
                 last_run = {"seconds": round(time.perf_counter() - began, 3), "tokens": sum(contexts.span(a, b) for s, a, b in bounds if s not in done), "world_size": world}
-                _finish(out, run, shards, last_run, saelens)
+                _finish(out, run, shards, last_run)
             _barrier(world)
+        if saelens and rank == 0:  # after the barrier: the other ranks need not wait for it
+            from .harvest_read import open_harvest
+
+            open_harvest(out).save_saelens(os.path.join(out, "saelens"))
         with open(manifest_path) as fh:
             return json.load(fh)
     finally:
@@ -310,16 +314,12 @@ def _harvest_shards(model, contexts, own, collector, batch_size, positions, out,
         bar.close()
 
 
-def _finish(out, run, shards, last_run, saelens):
-    """Rank 0, once every rank is done: check the shards, write the manifest (and the SAELens layout)."""
+def _finish(out, run, shards, last_run):
+    """Rank 0, once every rank is done: check the shards, write the manifest."""
     missing = [shard["file"] for shard in shards if not os.path.exists(os.path.join(out, shard["file"]))]
     if missing:
         raise HarvestError(f"shards missing after every rank finished: {missing[:5]}; rerun with the same arguments")
     _write_json(os.path.join(out, "manifest.json"), _manifest(out, run, shards, last_run))
-    if saelens:
-        from .harvest_read import open_harvest
-
-        open_harvest(out).save_saelens(os.path.join(out, "saelens"))
 
 
 def _save(out, index, tensors):

@@ -22,7 +22,7 @@ DTYPES = {
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPES.items()}
 
 
-def write_shard(path, tensors: dict, metadata: dict | None = None) -> int:
+def write_shard(path, tensors: dict) -> int:
     """Write ``tensors`` to ``path`` through a temporary name, renamed once complete and synced.
 
     A crash leaves either no file at ``path`` or a complete one; returns the bytes written. On an
@@ -35,8 +35,6 @@ def write_shard(path, tensors: dict, metadata: dict | None = None) -> int:
         size = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data starts 8-aligned
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -80,9 +78,3 @@ def read_shard(path) -> dict:
             out[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + length + begin).view(info["shape"])
     return out
 
-
-def shard_metadata(path) -> dict:
-    """The ``__metadata__`` strings of a shard file (its header only is read)."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(length)).get("__metadata__", {})
