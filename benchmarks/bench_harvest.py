@@ -6,7 +6,9 @@ runs, in this process, the plain loop (``model(input_ids=batch, use_cache=False)
 ``no_grad`` on the same installed, idle model) and the harvest; then, under torchrun with gloo on
 127.0.0.1, both again with two processes (each forwards the batches of its shards; the time runs from
 a barrier to a barrier, without start-up). Ratios are medians over rounds of ratios within a round.
-Wall time: with two processes the question is how much sooner the work is done.
+Wall time: with two processes the question is how much sooner the work is done; the 1-process
+ratio is also given in process CPU time, which a busy machine disturbs less (it leaves out waiting for
+a core, and for the disk).
 
     python benchmarks/bench_harvest.py                 # a few minutes on a 2-core machine
     python benchmarks/bench_harvest.py --quick         # smoke run
@@ -64,7 +66,6 @@ def plain(model, ids, shards):
 
 
 def run_harvest(model, ids, out):
-    shutil.rmtree(out, ignore_errors=True)
     return tlshim.harvest(model, ids, NAMES, out, batch_size=BATCH, shard_rows=SHARD_ROWS, progress=False)
 
 
@@ -86,6 +87,8 @@ def worker(work):
     plain(model, ids, range(rank, n_shards(ids), world))
     dist.barrier()
     plain_s = time.perf_counter() - began
+    if rank == 0:
+        shutil.rmtree(os.path.join(work, "out2"), ignore_errors=True)
     dist.barrier()
     began = time.perf_counter()
     run_harvest(model, ids, os.path.join(work, "out2"))  # ends on a barrier
@@ -134,14 +137,20 @@ def main():
         model = load(os.path.join(work, "model"))
         tokens = ids.numel()
         plain(model, ids[: 2 * BATCH], [0])  # warm-up
+        manifest = None
         rows = {"plain1": [], "harvest1": [], "plain2": [], "harvest2": []}
+        cpu = {"plain1": [], "harvest1": []}
+        contenders = {"plain1": lambda: plain(model, ids, range(n_shards(ids))),
+                      "harvest1": lambda: run_harvest(model, ids, os.path.join(work, "out1"))}
         for r in range(args.rounds):
-            began = time.perf_counter()
-            plain(model, ids, range(n_shards(ids)))
-            rows["plain1"].append(time.perf_counter() - began)
-            began = time.perf_counter()
-            manifest = run_harvest(model, ids, os.path.join(work, "out1"))
-            rows["harvest1"].append(time.perf_counter() - began)
+            for key in sorted(contenders, reverse=r % 2 == 1):  # the order alternates between rounds
+                if key == "harvest1":
+                    shutil.rmtree(os.path.join(work, "out1"), ignore_errors=True)
+                began, began_cpu = time.perf_counter(), time.process_time()
+                result = contenders[key]()
+                rows[key].append(time.perf_counter() - began)
+                cpu[key].append(time.process_time() - began_cpu)
+                manifest = result if key == "harvest1" else manifest
             two = two_processes(work)
             rows["plain2"].append(two["plain_s"])
             rows["harvest2"].append(two["harvest_s"])
@@ -151,6 +160,7 @@ def main():
         written = sum(os.path.getsize(os.path.join(one, s["file"])) for s in manifest["shards"])
         rate = {k: statistics.median(tokens / t for t in v) for k, v in rows.items()}
         vs_plain = statistics.median(p / h for p, h in zip(rows["plain1"], rows["harvest1"]))
+        vs_plain_cpu = statistics.median(p / h for p, h in zip(cpu["plain1"], cpu["harvest1"]))
         scaling = statistics.median(h1 / h2 for h1, h2 in zip(rows["harvest1"], rows["harvest2"]))
         vs_plain2 = statistics.median(p / h for p, h in zip(rows["plain2"], rows["harvest2"]))
         n_params = sum(p.numel() for p in model.parameters())
@@ -161,7 +171,7 @@ def main():
         print("| contender | tokens/s (median) | ratio | target |")
         print("|---|---|---|---|")
         print(f"| plain forward loop, 1 process | {rate['plain1']:.0f} | 1 | - |")
-        print(f"| harvest, 1 process | {rate['harvest1']:.0f} | {vs_plain:.3f} of plain | >= 0.9 {'ok' if vs_plain >= 0.9 else 'MISSED'} |")
+        print(f"| harvest, 1 process | {rate['harvest1']:.0f} | {vs_plain:.3f} of plain (process CPU time: {vs_plain_cpu:.3f}) | >= 0.9 {'ok' if vs_plain >= 0.9 else 'MISSED'} |")
         print(f"| plain forward loop, 2 processes | {rate['plain2']:.0f} | {statistics.median(a / b for a, b in zip(rows['plain1'], rows['plain2'])):.2f} x 1 process | - |")
         print(f"| harvest, 2 processes | {rate['harvest2']:.0f} | {scaling:.2f} x 1 process ({vs_plain2:.3f} of plain 2) | >= 1.6 {'ok' if scaling >= 1.6 else 'MISSED'} |")
     finally:
