@@ -1,14 +1,13 @@
 """Harvest throughput (tokens per second) against a plain forward loop over the same batches, 1 and 2 processes.
 
 A random Llama (``--size``), token-id contexts of 128, batches of 8, one torch thread per process, on
-CPU; the harvest stores every ``blocks.*.hook_resid_post`` (writing to disk included). Each round
-runs, in this process, the plain loop (``model(input_ids=batch, use_cache=False)`` under
-``no_grad`` on the same installed, idle model) and the harvest; then, under torchrun with gloo on
-127.0.0.1, both again with two processes (each forwards the batches of its shards; the time runs from
-a barrier to a barrier, without start-up). Ratios are medians over rounds of ratios within a round.
-Wall time: with two processes the question is how much sooner the work is done; the 1-process
-ratio is also given in process CPU time, which a busy machine disturbs less (it leaves out waiting for
-a core, and for the disk).
+CPU; the harvest stores every ``blocks.*.hook_resid_post`` (writing to disk included). One process:
+rounds of the plain loop (``model(input_ids=batch, use_cache=False)`` under ``no_grad``, on the same
+installed and idle model) and the harvest, their order alternating; the ratio is the median of the
+rounds' ratios. Two processes: the same rounds in one torchrun launch (gloo on 127.0.0.1), each rank
+forwarding the batches of its shards, timed from a barrier to a barrier (start-up left out); the
+scaling is the ratio of the median rates. Wall time: with two processes the question is how much
+sooner the work is done.
 
     python benchmarks/bench_harvest.py                 # a few minutes on a 2-core machine
     python benchmarks/bench_harvest.py --quick         # smoke run
@@ -73,8 +72,23 @@ def n_shards(ids):
     return -(-len(ids) * SEQ // SHARD_ROWS)
 
 
-def worker(work):
-    """One torchrun rank: time the plain loop over this rank's shards, then the harvest, barrier to barrier."""
+def timed(rounds, contenders, barrier=lambda: None):
+    """{key: [wall seconds]} over rounds, the contenders' order alternating between rounds."""
+    times = {key: [] for key in contenders}
+    for r in range(rounds):
+        for key in sorted(contenders, reverse=r % 2 == 1):
+            prepare, run = contenders[key]
+            prepare()
+            barrier()
+            began = time.perf_counter()
+            run()
+            barrier()
+            times[key].append(time.perf_counter() - began)
+    return times
+
+
+def worker(work, rounds):
+    """One torchrun rank: the plain loop over this rank's shards and the harvest, barrier to barrier."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -82,20 +96,14 @@ def worker(work):
     rank, world = dist.get_rank(), dist.get_world_size()
     model, ids = load(os.path.join(work, "model")), torch.load(os.path.join(work, "ids.pt"))
     plain(model, ids[: 2 * BATCH], [0])  # warm-up
-    dist.barrier()
-    began = time.perf_counter()
-    plain(model, ids, range(rank, n_shards(ids), world))
-    dist.barrier()
-    plain_s = time.perf_counter() - began
-    if rank == 0:
-        shutil.rmtree(os.path.join(work, "out2"), ignore_errors=True)
-    dist.barrier()
-    began = time.perf_counter()
-    run_harvest(model, ids, os.path.join(work, "out2"))  # ends on a barrier
-    harvest_s = time.perf_counter() - began
+    out = os.path.join(work, "out2")
+    times = timed(rounds, {
+        "plain2": (lambda: None, lambda: plain(model, ids, range(rank, n_shards(ids), world))),
+        "harvest2": (lambda: rank == 0 and shutil.rmtree(out, ignore_errors=True), lambda: run_harvest(model, ids, out)),
+    }, dist.barrier)
     if rank == 0:
         with open(os.path.join(work, "two.json"), "w") as fh:
-            json.dump({"plain_s": plain_s, "harvest_s": harvest_s}, fh)
+            json.dump(times, fh)
     dist.destroy_process_group()
 
 
@@ -105,9 +113,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def two_processes(work):
+def two_processes(work, rounds):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), __file__, "--worker", work]
+               "--master-port", str(free_port()), __file__, "--worker", work, "--rounds", str(rounds)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -116,18 +124,38 @@ def two_processes(work):
         return json.load(fh)
 
 
+def report(args, model, ids, times, manifest, work):
+    tokens = ids.numel()
+    rate = {key: statistics.median(tokens / t for t in ts) for key, ts in times.items()}
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+    same = all(Path(work, "out1", s["file"]).read_bytes() == Path(work, "out2", s["file"]).read_bytes() for s in manifest["shards"])
+    written = sum(os.path.getsize(os.path.join(work, "out1", s["file"])) for s in manifest["shards"])
+    vs_plain, scaling = ratio("plain1", "harvest1"), rate["harvest2"] / rate["harvest1"]
+    print(f"{args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.contexts} contexts x {SEQ} tokens, "
+          f"batch {BATCH}, {len(manifest['names'])} names ({NAMES}), {written / 1e6:.1f} MB written per harvest, {args.rounds} rounds; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"2-process shards equal to 1-process shards, bit for bit: {same}\n")
+    print("| contender | tokens/s (median) | ratio | target |")
+    print("|---|---|---|---|")
+    print(f"| plain forward loop, 1 process | {rate['plain1']:.0f} | 1 | - |")
+    print(f"| harvest, 1 process | {rate['harvest1']:.0f} | {vs_plain:.3f} of plain | >= 0.9 {'ok' if vs_plain >= 0.9 else 'MISSED'} |")
+    print(f"| plain forward loop, 2 processes | {rate['plain2']:.0f} | {rate['plain2'] / rate['plain1']:.2f} x 1 process | - |")
+    print(f"| harvest, 2 processes | {rate['harvest2']:.0f} | {scaling:.2f} x 1 process ({ratio('plain2', 'harvest2'):.3f} of plain) "
+          f"| >= 1.6 {'ok' if scaling >= 1.6 else 'MISSED'} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--contexts", type=int, default=128, help="contexts of 128 tokens per run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="32 contexts, 1 round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="32 contexts, 2 rounds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.rounds)
     if args.quick:
-        args.contexts, args.rounds = 32, 1
+        args.contexts, args.rounds = 32, 2
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="bench-harvest-")
     try:
@@ -135,45 +163,14 @@ def main():
         ids = torch.randint(0, SIZES[args.size]["vocab_size"], (args.contexts, SEQ), generator=torch.Generator().manual_seed(0))
         torch.save(ids, os.path.join(work, "ids.pt"))
         model = load(os.path.join(work, "model"))
-        tokens = ids.numel()
         plain(model, ids[: 2 * BATCH], [0])  # warm-up
-        manifest = None
-        rows = {"plain1": [], "harvest1": [], "plain2": [], "harvest2": []}
-        cpu = {"plain1": [], "harvest1": []}
-        contenders = {"plain1": lambda: plain(model, ids, range(n_shards(ids))),
-                      "harvest1": lambda: run_harvest(model, ids, os.path.join(work, "out1"))}
-        for r in range(args.rounds):
-            for key in sorted(contenders, reverse=r % 2 == 1):  # the order alternates between rounds
-                if key == "harvest1":
-                    shutil.rmtree(os.path.join(work, "out1"), ignore_errors=True)
-                began, began_cpu = time.perf_counter(), time.process_time()
-                result = contenders[key]()
-                rows[key].append(time.perf_counter() - began)
-                cpu[key].append(time.process_time() - began_cpu)
-                manifest = result if key == "harvest1" else manifest
-            two = two_processes(work)
-            rows["plain2"].append(two["plain_s"])
-            rows["harvest2"].append(two["harvest_s"])
-            print(f"round {r + 1}: " + ", ".join(f"{k} {tokens / v[-1]:.0f} tok/s" for k, v in rows.items()), flush=True)
         one = os.path.join(work, "out1")
-        same = all(Path(one, s["file"]).read_bytes() == Path(work, "out2", s["file"]).read_bytes() for s in manifest["shards"])
-        written = sum(os.path.getsize(os.path.join(one, s["file"])) for s in manifest["shards"])
-        rate = {k: statistics.median(tokens / t for t in v) for k, v in rows.items()}
-        vs_plain = statistics.median(p / h for p, h in zip(rows["plain1"], rows["harvest1"]))
-        vs_plain_cpu = statistics.median(p / h for p, h in zip(cpu["plain1"], cpu["harvest1"]))
-        scaling = statistics.median(h1 / h2 for h1, h2 in zip(rows["harvest1"], rows["harvest2"]))
-        vs_plain2 = statistics.median(p / h for p, h in zip(rows["plain2"], rows["harvest2"]))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"\n{args.size}: {n_params / 1e6:.1f}M parameters, {args.contexts} contexts x {SEQ} tokens, batch {BATCH}, "
-              f"{len(manifest['names'])} names ({NAMES}), {written / 1e6:.1f} MB written per harvest; "
-              f"torch {torch.__version__}, transformers {transformers.__version__}, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"2-process shards equal to 1-process shards, bit for bit: {same}\n")
-        print("| contender | tokens/s (median) | ratio | target |")
-        print("|---|---|---|---|")
-        print(f"| plain forward loop, 1 process | {rate['plain1']:.0f} | 1 | - |")
-        print(f"| harvest, 1 process | {rate['harvest1']:.0f} | {vs_plain:.3f} of plain (process CPU time: {vs_plain_cpu:.3f}) | >= 0.9 {'ok' if vs_plain >= 0.9 else 'MISSED'} |")
-        print(f"| plain forward loop, 2 processes | {rate['plain2']:.0f} | {statistics.median(a / b for a, b in zip(rows['plain1'], rows['plain2'])):.2f} x 1 process | - |")
-        print(f"| harvest, 2 processes | {rate['harvest2']:.0f} | {scaling:.2f} x 1 process ({vs_plain2:.3f} of plain 2) | >= 1.6 {'ok' if scaling >= 1.6 else 'MISSED'} |")
+        times = timed(args.rounds, {
+            "plain1": (lambda: None, lambda: plain(model, ids, range(n_shards(ids)))),
+            "harvest1": (lambda: shutil.rmtree(one, ignore_errors=True), lambda: run_harvest(model, ids, one)),
+        })
+        times.update(two_processes(work, args.rounds))
+        report(args, model, ids, times, tlshim.open_harvest(one).manifest, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
