@@ -248,12 +248,13 @@ def test_cli_then_torchrun_killed_and_resumed(text_file, tmp_path, capsys):
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("harvested 1280 tokens (80 contexts, 1280 rows) at 3 names into") and "20 shards" in summary
     want = shard_bytes(ref)
-    # two ranks; rank 1 dies by SIGKILL at its 7th forward: in shard 7, after its shards 1, 3 and 5
+    # two ranks; rank 1 dies by SIGKILL at its 7th forward: in shard 7, after writing its shards 1, 3 and 5
+    # (the last one's sync and rename may still have been under way: then it is redone)
     out = tmp_path / "two"
     killed = torchrun([*args, "--out", str(out), "--quiet"], {"HARVEST_KILL_RANK": "1", "HARVEST_KILL_AFTER": "7"})
     assert killed.returncode != 0, killed.stderr[-3000:]
     written = {f for f in os.listdir(out) if f.startswith("shard-")}
-    assert {f"shard-{s:05d}.safetensors" for s in (1, 3, 5)} <= written and "shard-00007.safetensors" not in written
+    assert {"shard-00001.safetensors", "shard-00003.safetensors"} <= written and "shard-00007.safetensors" not in written
     assert "manifest.json" not in os.listdir(out) and len(written) < 20
     before = {f: os.stat(out / f).st_ino for f in written}
     (out / ".shard-00007.safetensors.tmp-99999").write_bytes(b"partial")

@@ -22,7 +22,7 @@ import torch
 from .errors import TlshimError, unknown_hook_name
 from .harvest_data import build_contexts, require
 from .install import hf_model, is_installed
-from .shards import read_shard, write_shard
+from .shards import ShardWriter, read_shard
 
 POSITIONS = ("all", "drop_bos", "last")
 _ATTN = ("hook_attn_scores", "hook_pattern")  # (b h p k): positions on axis 2
@@ -306,12 +306,16 @@ def _harvest_shards(model, contexts, own, collector, batch_size, positions, out,
     """Run and write this rank's shards; the bar (rank 0's) counts its tokens times the world size."""
     device = model.get_input_embeddings().weight.device
     on_batch = (lambda n: bar.update(min(n * world, bar.total - bar.n))) if bar else (lambda n: None)
-    with torch.no_grad(), model.hooks(fwd_hooks=collector.hooks()):
-        for s, first, last in own:
-            tensors = _run_shard(model, contexts, collector, first, last, batch_size, positions, device, on_batch)
-            _save(out, s, tensors)
-    if bar:
-        bar.close()
+    writer = ShardWriter(_write_error)
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=collector.hooks()):
+            for s, first, last in own:
+                tensors = _run_shard(model, contexts, collector, first, last, batch_size, positions, device, on_batch)
+                writer.save(os.path.join(out, shard_file(s)), tensors)
+    finally:
+        writer.close()
+        if bar:
+            bar.close()
 
 
 def _finish(out, run, shards, last_run):
@@ -322,13 +326,9 @@ def _finish(out, run, shards, last_run):
     _write_json(os.path.join(out, "manifest.json"), _manifest(out, run, shards, last_run))
 
 
-def _save(out, index, tensors):
-    path = os.path.join(out, shard_file(index))
-    try:
-        write_shard(path, tensors)
-    except OSError as exc:
-        what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise HarvestError(
-            f"writing {path} failed: {what}. The shards already complete are kept; free space (or fix the folder) and "
-            "rerun with the same arguments to resume after them"
-        ) from exc
+def _write_error(path, exc):
+    what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return HarvestError(
+        f"writing {path} failed: {what}. The shards already complete are kept; free space (or fix the folder) and "
+        "rerun with the same arguments to resume after them"
+    )

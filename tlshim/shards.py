@@ -22,11 +22,11 @@ DTYPES = {
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPES.items()}
 
 
-def write_shard(path, tensors: dict) -> int:
-    """Write ``tensors`` to ``path`` through a temporary name, renamed once complete and synced.
+def write_temporary(path, tensors: dict) -> str:
+    """Write ``tensors`` as a safetensors file beside ``path``, under a temporary name, and return that name.
 
-    A crash leaves either no file at ``path`` or a complete one; returns the bytes written. On an
-    error (a full disk) the temporary file is removed and the error raised.
+    The bytes reach the page cache, not yet the disk (``commit`` syncs and renames); on an error (a
+    full disk) the temporary file is removed and the error raised.
     """
     order = sorted(tensors, key=lambda name: -tensors[name].element_size())
     header, offset = {}, 0
@@ -46,14 +46,63 @@ def write_shard(path, tensors: dict) -> int:
                 flat = tensors[name].detach().reshape(-1).contiguous().cpu()
                 if flat.numel():
                     fh.write(memoryview(flat.view(torch.uint8).numpy()))
-            fh.flush()
-            os.fsync(fh.fileno())
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def commit(tmp, path):
+    """Sync the temporary file to disk, then rename it to ``path``: a crash leaves no file there or a complete one."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
         raise
-    return 8 + len(text) + offset
+
+
+def _remove(tmp):
+    if os.path.exists(tmp):
+        os.remove(tmp)
+
+
+class ShardWriter:
+    """Writes shard files one after another; a file's sync and rename run on a thread while the caller
+    computes the next shard. Its bytes are written (copied to the page cache) before ``save`` returns,
+    so the caller may refill its buffers at once. One commit in flight: an error of the previous one is
+    raised (through ``error(path, exc)``) before the next file is started."""
+
+    def __init__(self, error):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.error, self.pool, self.pending = error, ThreadPoolExecutor(1, thread_name_prefix="tlshim-shards"), None
+
+    def save(self, path, tensors):
+        self.wait()
+        try:
+            tmp = write_temporary(path, tensors)
+        except OSError as exc:
+            raise self.error(path, exc) from exc
+        self.pending = (path, self.pool.submit(commit, tmp, path))
+
+    def wait(self):
+        if self.pending is not None:
+            (path, future), self.pending = self.pending, None
+            try:
+                future.result()
+            except OSError as exc:
+                raise self.error(path, exc) from exc
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
 
 
 def read_shard(path) -> dict:
