@@ -265,6 +265,9 @@ def test_cli_then_torchrun_killed_and_resumed(text_file, tmp_path, capsys):
     assert shard_bytes(out) == want  # equal to one process, bit for bit; nothing missing, nothing twice
     assert all(os.stat(out / f).st_ino == ino for f, ino in before.items())  # complete shards were not redone
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    # other arguments into that folder: rank 0 refuses and the other rank stops with it (no hang)
+    refused = torchrun([*args[:-2], "--max-contexts", "40", "--out", str(out), "--quiet"], {})
+    assert refused.returncode != 0 and "other arguments" in refused.stderr and "rank 0 stopped" in refused.stderr
     h = tlshim.open_harvest(out)
     assert h.manifest["last_run"]["world_size"] == 2 and h.manifest["last_run"]["tokens"] < 1280 and torch.equal(h.column("sequence"), torch.arange(80).repeat_interleave(16))
 

@@ -86,6 +86,27 @@ def _barrier(world):
         dist.barrier()
 
 
+def _rank0_then_all(rank, world, step):
+    """Run ``step`` on rank 0 while the others wait; a HarvestError there is raised on every rank (not a hang)."""
+    failure = None
+    if rank == 0:
+        try:
+            step()
+        except HarvestError as exc:
+            if world == 1:
+                raise
+            failure = exc
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [str(failure) if failure else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            if failure is not None:
+                raise failure
+            raise HarvestError(f"rank 0 stopped: {box[0]}")
+
+
 def _write_json(path, data):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as fh:
@@ -263,10 +284,8 @@ def harvest(model, data, names, out, *, tokenizer=None, context_size=128, pack=T
     }
     bounds = [(s, s * shard_contexts, min((s + 1) * shard_contexts, len(contexts))) for s in range(n_shards)]
     try:
-        if rank == 0:
-            _claim_folder(out, run)
+        _rank0_then_all(rank, world, lambda: _claim_folder(out, run))
         done = {s for s, _, _ in bounds if os.path.exists(os.path.join(out, shard_file(s)))}  # before any rank writes
-        _barrier(world)
         with open(os.path.join(out, "run.json")) as fh:
             if json.load(fh) != run:  # rank 0 pinned other arguments: this rank was started with other ones
                 raise HarvestError(f"rank {rank} got other arguments than rank 0: every rank must run harvest with the same ones")
@@ -277,12 +296,10 @@ def harvest(model, data, names, out, *, tokenizer=None, context_size=128, pack=T
             own = [bound for bound in bounds if bound[0] % world == rank and bound[0] not in done]
             _harvest_shards(model, contexts, own, _Collector(names, dtype, shard_contexts * per_context), batch_size, positions, out, bar, world)
             _barrier(world)
-            if rank == 0:
-                kept = _kept_counts(lengths, positions)
-                shards = [{"file": shard_file(s), "contexts": [a, b], "rows": int(kept[a:b].sum())} for s, a, b in bounds]
-                last_run = {"seconds": round(time.perf_counter() - began, 3), "tokens": sum(contexts.span(a, b) for s, a, b in bounds if s not in done), "world_size": world}
-                _finish(out, run, shards, last_run)
-            _barrier(world)
+            kept = _kept_counts(lengths, positions)
+            shards = [{"file": shard_file(s), "contexts": [a, b], "rows": int(kept[a:b].sum())} for s, a, b in bounds]
+            last_run = {"seconds": round(time.perf_counter() - began, 3), "tokens": sum(contexts.span(a, b) for s, a, b in bounds if s not in done), "world_size": world}
+            _rank0_then_all(rank, world, lambda: _finish(out, run, shards, last_run))
         if saelens and rank == 0:  # after the barrier: the other ranks need not wait for it
             from .harvest_read import open_harvest
 
