@@ -1,11 +1,16 @@
-"""Run by tests/test_harvest.py under torchrun: ``python -m tlshim harvest`` with its arguments, where the rank
-named by HARVEST_KILL_RANK sends itself SIGKILL at its HARVEST_KILL_AFTER-th forward (a crash mid-run)."""
+"""Run by tests/test_harvest.py under torchrun: ``python -m tlshim harvest`` with its arguments.
+
+HARVEST_KILL_RANK / HARVEST_KILL_AFTER: that rank sends itself SIGKILL at its n-th forward (a crash
+mid-run). HARVEST_THEN_REFUSE: the process group is made here (harvest then uses it, and leaves it),
+and after the harvest a second one with other arguments into the same folder must be refused on
+every rank; each rank prints what it was told.
+"""
 
 import os
 import signal
 import sys
 
-from tlshim import harvest_cli
+from tlshim import HarvestError, harvest_cli
 
 _load = harvest_cli._load
 
@@ -24,6 +29,21 @@ def load_then_arm(*args):
     return model
 
 
+def main(argv):
+    if not os.environ.get("HARVEST_THEN_REFUSE"):
+        return harvest_cli.main(argv)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    code = harvest_cli.main(argv)
+    try:
+        harvest_cli.main([*argv, "--max-contexts", "40"])
+    except HarvestError as exc:
+        print(f"rank {dist.get_rank()} refused: {exc}", flush=True)
+    dist.destroy_process_group()
+    return code
+
+
 if __name__ == "__main__":
     harvest_cli._load = load_then_arm
-    sys.exit(harvest_cli.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
