@@ -284,8 +284,8 @@ def harvest(model, data, names, out, *, tokenizer=None, context_size=128, pack=T
     }
     bounds = [(s, s * shard_contexts, min((s + 1) * shard_contexts, len(contexts))) for s in range(n_shards)]
     try:
+        done = {s for s, _, _ in bounds if os.path.exists(os.path.join(out, shard_file(s)))}  # no rank writes before the next line
         _rank0_then_all(rank, world, lambda: _claim_folder(out, run))
-        done = {s for s, _, _ in bounds if os.path.exists(os.path.join(out, shard_file(s)))}  # before any rank writes
         with open(os.path.join(out, "run.json")) as fh:
             if json.load(fh) != run:  # rank 0 pinned other arguments: this rank was started with other ones
                 raise HarvestError(f"rank {rank} got other arguments than rank 0: every rank must run harvest with the same ones")
@@ -300,7 +300,7 @@ def harvest(model, data, names, out, *, tokenizer=None, context_size=128, pack=T
             shards = [{"file": shard_file(s), "contexts": [a, b], "rows": int(kept[a:b].sum())} for s, a, b in bounds]
             last_run = {"seconds": round(time.perf_counter() - began, 3), "tokens": sum(contexts.span(a, b) for s, a, b in bounds if s not in done), "world_size": world}
             _rank0_then_all(rank, world, lambda: _finish(out, run, shards, last_run))
-        if saelens and rank == 0:  # after the barrier: the other ranks need not wait for it
+        if saelens and rank == 0:  # the other ranks are released already: they need not wait for it
             from .harvest_read import open_harvest
 
             open_harvest(out).save_saelens(os.path.join(out, "saelens"))
