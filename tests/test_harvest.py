@@ -220,9 +220,13 @@ def test_resume_refusal_and_errors(llama, text_file, tmp_path, monkeypatch):
         tlshim.harvest(model, text_file, ["blocks.9.*"], tmp_path / "x", **args)
     with pytest.raises(ValueError, match="positions='first'.*all, drop_bos, last"):
         tlshim.harvest(model, text_file, NAMES, tmp_path / "x", positions="first")
+    # without the harvest extra: text, lists and tensors still harvest; what needs `datasets` names the extra
     monkeypatch.setitem(sys.modules, "datasets", None)
+    assert tlshim.harvest(model, text_file, NAMES, tmp_path / "bare", **args)["shards"]
     with pytest.raises(ImportError, match=r"'datasets' package.*tlshim\[harvest\]"):
         tlshim.open_harvest(ref).to_hf()
+    with pytest.raises(ImportError, match=r"reading a dataset folder needs the 'datasets' package.*tlshim\[harvest\]"):
+        build_contexts(tmp_path, llama[1], 16)
 
 
 def free_port():
