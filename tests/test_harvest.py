@@ -13,7 +13,7 @@ import torch
 from models import require
 
 import tlshim
-from tlshim import harvest_data, shards
+from tlshim import shards
 from tlshim.demo import ASSETS, load
 from tlshim.harvest import HarvestError, kept_positions
 from tlshim.harvest_data import build_contexts

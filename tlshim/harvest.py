@@ -216,9 +216,9 @@ def _progress(enabled, total, initial):
 
 def _manifest(out, run, shards, last_run):
     first = read_shard(os.path.join(out, shards[0]["file"]))
-    from . import __version__
-
     import transformers
+
+    from . import __version__
 
     return {
         "format": "tlshim-harvest/1",
