@@ -8,6 +8,8 @@
 
 from .activation_cache import ActivationCache
 from .errors import ConflictError, HookNameError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
+from .harvest import HarvestError, harvest
+from .harvest_read import open_harvest
 from .hook_points import HookPoint
 from .install import install, is_installed, uninstall
 from .loading import ReinitializedWeightsError, finish_loading, from_pretrained, loading, repair_buffers
@@ -17,6 +19,7 @@ from .registry import supported
 __all__ = [
     "ActivationCache",
     "ConflictError",
+    "HarvestError",
     "HookNameError",
     "HookPoint",
     "HookShapeError",
@@ -26,9 +29,11 @@ __all__ = [
     "UnsupportedVersionError",
     "finish_loading",
     "from_pretrained",
+    "harvest",
     "install",
     "is_installed",
     "loading",
+    "open_harvest",
     "record_generation",
     "repair_buffers",
     "supported",

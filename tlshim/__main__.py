@@ -1,4 +1,4 @@
-"""The ``tlshim`` command: ``tlshim demo`` and ``tlshim doctor``."""
+"""The ``tlshim`` command: ``tlshim demo``, ``tlshim doctor`` and ``tlshim harvest``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ def main(argv=None) -> int:
     commands.add_parser("doctor", help="installed versions and which architectures are supported here")
     demo = commands.add_parser("demo", help="find and ablate the induction head of the shipped model")
     demo.add_argument("--out", default="induction_pattern.png", help="where to write the attention pattern PNG")
+    commands.add_parser("harvest", help="store activations over a dataset, sharded (torchrun for several processes)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "harvest":
+        from . import harvest_cli
+
+        return harvest_cli.main(rest)
     if args.command == "doctor":
         from . import doctor
 
