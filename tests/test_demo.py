@@ -38,7 +38,7 @@ def test_shipped_model_has_an_induction_head_whose_ablation_breaks_copying(arch)
 
 def test_demo_prints_the_table_names_the_head_and_draws_it(tmp_path, capsys):
     out = tmp_path / "pattern.png"
-    assert demo.main(["--out", str(out)]) == 0
+    assert demo.main(["--arch", "llama", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "induction head: blocks.1.attn head" in printed and "ablated through" in printed
     if importlib.util.find_spec("matplotlib") is not None:
