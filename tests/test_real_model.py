@@ -9,6 +9,8 @@ Thresholds: measured on transformers 5.23.0, torch 2.13.0 CPU; the measured valu
 
 import filecmp
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -38,7 +40,9 @@ def model(real):
 def report(model, tmp_path_factory):
     """The demo's four analyses and its report folder, made once."""
     pytest.importorskip("matplotlib", reason="the report draws with matplotlib (the real extra)")
-    return real_demo.run(model, tmp_path_factory.mktemp("report"), say=lambda line: None)
+    lines = []
+    numbers = real_demo.run(model, tmp_path_factory.mktemp("report"), say=lines.append)
+    return numbers | {"printed": "\n".join(lines)}
 
 
 def test_the_capital_of_france_is_paris(model):
@@ -103,7 +107,15 @@ def test_ioi_patching(model, report):
 
 def test_steering_changes_the_continuation(report):
     plain, steered = report["steering"]
-    assert plain != steered and len(plain) > 20
+    # measured: " the perfect person to help me with my project. ..." / " just a bunch of arrogant, ..."
+    assert plain.startswith(" the perfect person") and "arrogant" in steered
+
+
+def test_the_demo_prints_the_headline_numbers(report):
+    printed = report["printed"]
+    for expected in ("top heads: L18H6 0.73", "loss on the repeats 0.37", "' Paris' is top-1 from layer 29",
+                     "clean 6.12, corrupted -6.47", "steered: 'I think you are just a bunch of arrogant"):
+        assert expected in printed, expected
 
 
 def test_round_trip_and_save_pretrained_byte_identical(real, tmp_path):
@@ -127,3 +139,35 @@ def test_round_trip_and_save_pretrained_byte_identical(real, tmp_path):
             assert torch.equal(model(tokens).logits, installed_logits)
     finally:
         tlshim.install(model, tokenizer=tokenizer)
+
+
+def chromium_screenshot(page, png, height):
+    """Headless Chromium (Debian's ``chromium`` package) renders ``page`` into ``png``."""
+    browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+    if browser is None:
+        pytest.skip("no headless browser: install Debian's chromium package (apt-get install chromium) to check the report renders")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1200,{height}",
+                    f"--screenshot={png}", page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return image.convert("HSV")
+
+
+def colored_fraction(hsv):
+    """Share of pixels with a saturated colour: heat maps and plots have them, text and a broken-image icon do not."""
+    saturation = torch.tensor(list(hsv.getdata(1)), dtype=torch.float32)
+    return float((saturation > 80).float().mean())
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    page = report["page"]
+    assert sorted(p.name for p in page.parent.glob("*.png")) == [
+        "induction.png", "logit_lens.png", "patching_heads.png", "patching_resid_pre.png"]
+    shot = chromium_screenshot(page, tmp_path / "report.png", 5200)
+    # the same page without its figures: the colour comes from them
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(page, bare / "index.html")
+    bare_shot = chromium_screenshot(bare / "index.html", tmp_path / "bare.png", 5200)
+    assert colored_fraction(shot) > 0.1 and colored_fraction(bare_shot) < 0.01  # measured COLORED and BARE

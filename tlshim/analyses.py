@@ -6,6 +6,7 @@ Patching runs are batched: row r of one forward carries the patch of position (o
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,10 @@ class Induction:
     top: list  # [(layer, head)], best first
     loss_first: float  # mean next-token loss on the first copy
     loss_repeat: float  # ... on the later copies
-    loss_repeat_ablated: float  # ... on the later copies with the top heads' hook_z zeroed
-    loss_repeat_control: float  # ... with as many other heads, drawn at random, zeroed instead
-    control: list  # those heads
+    loss_first_ablated: float  # ... on the first copy with the top heads' hook_z zeroed
+    loss_repeat_ablated: float  # ... on the later copies, likewise
+    loss_repeat_control: float  # ... with as many other heads, drawn at random, zeroed instead (mean of the draws)
+    controls: int  # how many draws
 
 
 def zero_heads(heads):
@@ -52,9 +54,9 @@ def zero_heads(heads):
     return [(f"blocks.{layer}.attn.hook_z", hook_for(chosen)) for layer, chosen in by_layer.items()]
 
 
-def induction(model, text, repeats=3, n_top=5, seed=0) -> Induction:
+def induction(model, text, repeats=3, n_top=5, controls=8, seed=0) -> Induction:
     """Score every head on ``text`` repeated ``repeats`` times, then ablate the ``n_top`` best through
-    hook_z, and as a control ``n_top`` others drawn at random (``seed``)."""
+    hook_z; as a control, ``controls`` times ``n_top`` other heads drawn at random (``seed``)."""
     once = _ids(model, text)[0]
     span = len(once)
     tokens = once.repeat(repeats)[None]
@@ -66,19 +68,24 @@ def induction(model, text, repeats=3, n_top=5, seed=0) -> Induction:
         order = scores.flatten().argsort(descending=True).tolist()
         heads = [divmod(i, scores.shape[1]) for i in order]
         loss = next_token_loss(logits, tokens)[0]
-        ablated = next_token_loss(model.run_with_hooks(tokens, fwd_hooks=zero_heads(heads[:n_top])), tokens)[0]
-        draw = torch.randperm(len(heads) - n_top, generator=torch.Generator().manual_seed(seed))[:n_top]
-        others = [heads[n_top + i] for i in draw.tolist()]
-        control = next_token_loss(model.run_with_hooks(tokens, fwd_hooks=zero_heads(others)), tokens)[0]
-    later = slice(span - 1, None)  # predictions of the tokens of the later copies
+
+        def ablated(chosen):
+            return next_token_loss(model.run_with_hooks(tokens, fwd_hooks=zero_heads(chosen)), tokens)[0]
+
+        top = ablated(heads[:n_top])
+        generator = torch.Generator().manual_seed(seed)
+        draws = [torch.randperm(len(heads) - n_top, generator=generator)[:n_top].tolist() for _ in range(controls)]
+        control = torch.stack([ablated([heads[n_top + i] for i in draw]) for draw in draws]).mean(0)
+    first, later = slice(None, span - 1), slice(span - 1, None)  # predictions of the first copy's tokens, the others'
     return Induction(
         scores=scores,
         top=heads[:n_top],
-        loss_first=loss[: span - 1].mean().item(),
+        loss_first=loss[first].mean().item(),
         loss_repeat=loss[later].mean().item(),
-        loss_repeat_ablated=ablated[later].mean().item(),
+        loss_first_ablated=top[first].mean().item(),
+        loss_repeat_ablated=top[later].mean().item(),
         loss_repeat_control=control[later].mean().item(),
-        control=others,
+        controls=controls,
     )
 
 
@@ -139,9 +146,13 @@ def patching(model, clean, corrupt, answer, other) -> Patching:
         clean_logits, cache = model.run_with_cache(clean_ids, names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_z")))
         clean_diff, corrupt_diff = float(diff(clean_logits)), float(diff(model(corrupt_ids).logits))
 
+        # only the last position's logits are read: skip the unembedding of the others where the model can
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
         def restored(fwd_hooks, rows):
             batch = corrupt_ids.expand(rows, -1)
-            return (diff(model.run_with_hooks(batch, fwd_hooks=fwd_hooks)) - corrupt_diff) / (clean_diff - corrupt_diff)
+            patched = model.run_with_hooks(batch, fwd_hooks=fwd_hooks, **last_only)
+            return (diff(patched) - corrupt_diff) / (clean_diff - corrupt_diff)
 
         def put_position(tensor, hook):
             rows = torch.arange(positions)

@@ -15,7 +15,7 @@ IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When John and Mary went to the store, Mary gave a drink to"
 IOI_ANSWER, IOI_OTHER = " Mary", " John"
 STEER_PROMPT = "I think you are"
-STEER_LAYER, STEER_PLUS, STEER_MINUS, STEER_SCALE = 8, " Love", " Hate", 1.0
+STEER_LAYER, STEER_PLUS, STEER_MINUS, STEER_SCALE = 6, "I hate you", "I love you", 2.0
 NEW_TOKENS = 30
 
 
@@ -41,7 +41,8 @@ def run(model, out, say=print) -> dict:
     numbers["induction"] = ind
     say(f"  top heads: {top}")
     say(f"  loss on the repeats {ind.loss_repeat:.2f} (first copy {ind.loss_first:.2f}); top {len(ind.top)} heads ablated "
-        f"through hook_z: {ind.loss_repeat_ablated:.2f}; {len(ind.top)} random heads: {ind.loss_repeat_control:.2f}  [{time.perf_counter() - start:.0f} s]")
+        f"through hook_z: {ind.loss_repeat_ablated:.2f} (first copy {ind.loss_first_ablated:.2f}); {len(ind.top)} random heads: "
+        f"{ind.loss_repeat_control:.2f}  [{time.perf_counter() - start:.0f} s]")
     parts.append(("1. Induction heads", (
         f"<p>Text repeated 3 times: <code>{html.escape(REPEATED_TEXT)}</code>. Score: mean attention (blocks.i.attn.hook_pattern) "
         "from each token of a repeat to the token after its previous copy. Ablation: the heads' slices of "
@@ -49,8 +50,9 @@ def run(model, out, say=print) -> dict:
         f'<img src="{report.induction_figures(ind, folder)}" alt="induction heads">'
         + _table([("top heads (score)", top),
                   ("loss, first copy / repeats", f"{ind.loss_first:.3f} / {ind.loss_repeat:.3f}"),
-                  (f"loss on repeats, top {len(ind.top)} ablated", f"{ind.loss_repeat_ablated:.3f}"),
-                  (f"loss on repeats, random {', '.join(f'L{l}H{h}' for l, h in ind.control)} ablated", f"{ind.loss_repeat_control:.3f}")]))))
+                  (f"loss, first copy / repeats, top {len(ind.top)} ablated", f"{ind.loss_first_ablated:.3f} / {ind.loss_repeat_ablated:.3f}"),
+                  (f"loss on repeats, {len(ind.top)} random other heads ablated (mean of {ind.controls} draws)",
+                   f"{ind.loss_repeat_control:.3f}")]))))
 
     start = step(f"logit lens on {FACT!r}")
     lens = analyses.logit_lens(model, FACT, FACT_ANSWER)
@@ -83,7 +85,7 @@ def run(model, out, say=print) -> dict:
     vector = analyses.steering_vector(model, STEER_LAYER, STEER_PLUS, STEER_MINUS)
     plain, steered = analyses.steer(model, STEER_PROMPT, STEER_LAYER, vector, STEER_SCALE, NEW_TOKENS)
     numbers["steering"] = (plain, steered)
-    say(f"  plain:   {STEER_PROMPT}{plain!r}\n  steered: {STEER_PROMPT}{steered!r}  [{time.perf_counter() - start:.0f} s]")
+    say(f"  plain:   {STEER_PROMPT + plain!r}\n  steered: {STEER_PROMPT + steered!r}  [{time.perf_counter() - start:.0f} s]")
     parts.append(("4. Steering", (
         f"<p>Vector: blocks.{STEER_LAYER}.hook_resid_post of <code>{html.escape(STEER_PLUS)}</code> minus that of "
         f"<code>{html.escape(STEER_MINUS)}</code> (last position), times {STEER_SCALE}, added at every position during "

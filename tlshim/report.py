@@ -41,7 +41,7 @@ def induction_figures(ind, folder):
     _heat_map(left, ind.scores, "induction score per head", "head", "layer")
     for layer, head in ind.top:
         left.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-    labels = ["first copy", "repeats", f"repeats, top {len(ind.top)}\nheads ablated", f"repeats, {len(ind.top)} random\nheads ablated"]
+    labels = ["first copy", "repeats", f"repeats, top {len(ind.top)}\nheads ablated", f"repeats, {len(ind.top)} random\nheads ablated ({ind.controls}x)"]
     values = [ind.loss_first, ind.loss_repeat, ind.loss_repeat_ablated, ind.loss_repeat_control]
     right.bar(range(4), values, color=["grey", "tab:blue", "tab:red", "tab:green"])
     right.set_xticks(range(4), labels, fontsize=8)
