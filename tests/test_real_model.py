@@ -114,7 +114,7 @@ def test_steering_changes_the_continuation(report):
 def test_the_demo_prints_the_headline_numbers(report):
     printed = report["printed"]
     for expected in ("top heads: L18H6 0.73", "loss on the repeats 0.37", "' Paris' is top-1 from layer 29",
-                     "clean 6.12, corrupted -6.47", "steered: 'I think you are just a bunch of arrogant"):
+                     "clean 6.12, corrupted -6.47", "steered: \"I think you are just a bunch of arrogant"):
         assert expected in printed, expected
 
 
@@ -141,33 +141,46 @@ def test_round_trip_and_save_pretrained_byte_identical(real, tmp_path):
         tlshim.install(model, tokenizer=tokenizer)
 
 
-def chromium_screenshot(page, png, height):
-    """Headless Chromium (Debian's ``chromium`` package) renders ``page`` into ``png``."""
+def chromium(*args):
+    """Headless Chromium (Debian's ``chromium`` package); its stdout."""
     browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
     if browser is None:
         pytest.skip("no headless browser: install Debian's chromium package (apt-get install chromium) to check the report renders")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1200,{height}",
-                    f"--screenshot={png}", page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+def colored_fraction(png):
+    """Share of pixels with a saturated colour: heat maps and plots have them, text and a broken-image icon do not."""
     from PIL import Image
 
     with Image.open(png) as image:
-        return image.convert("HSV")
-
-
-def colored_fraction(hsv):
-    """Share of pixels with a saturated colour: heat maps and plots have them, text and a broken-image icon do not."""
-    saturation = torch.tensor(list(hsv.getdata(1)), dtype=torch.float32)
+        saturation = torch.frombuffer(bytearray(image.convert("HSV").getchannel("S").tobytes()), dtype=torch.uint8)
     return float((saturation > 80).float().mean())
 
 
 def test_report_renders_in_headless_chromium(report, tmp_path):
+    from PIL import Image
+
     page = report["page"]
-    assert sorted(p.name for p in page.parent.glob("*.png")) == [
-        "induction.png", "logit_lens.png", "patching_heads.png", "patching_resid_pre.png"]
-    shot = chromium_screenshot(page, tmp_path / "report.png", 5200)
-    # the same page without its figures: the colour comes from them
+    figures = sorted(p.name for p in page.parent.glob("*.png"))
+    assert figures == ["induction.png", "logit_lens.png", "patching_heads.png", "patching_resid_pre.png"]
+    # every <img> decoded, at its file's size: the page with a script that lists what the browser decoded
+    probe = page.parent / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", "<script>window.onload = () => document.body.dataset.decoded = "
+                                              "[...document.images].map(i => `${i.src.split('/').pop()}:${i.naturalWidth}x${i.naturalHeight}`)"
+                                              ".sort().join(' ')</script></body>"))
+    dom = chromium("--dump-dom", probe.as_uri())
+    probe.unlink()
+    sizes = []
+    for name in figures:
+        with Image.open(page.parent / name) as image:
+            sizes.append(f"{name}:{image.width}x{image.height}")
+    assert f'data-decoded="{" ".join(sizes)}"' in dom
+    # and drawn: the screenshot is coloured by the figures (the page without them is not)
+    chromium("--window-size=1200,4000", f"--screenshot={tmp_path / 'report.png'}", page.as_uri())
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(page, bare / "index.html")
-    bare_shot = chromium_screenshot(bare / "index.html", tmp_path / "bare.png", 5200)
-    assert colored_fraction(shot) > 0.1 and colored_fraction(bare_shot) < 0.01  # measured COLORED and BARE
+    chromium("--window-size=1200,4000", f"--screenshot={tmp_path / 'bare.png'}", (bare / "index.html").as_uri())
+    assert colored_fraction(tmp_path / "report.png") > 0.05 and colored_fraction(tmp_path / "bare.png") < 0.005  # measured 0.068, 0.0000
