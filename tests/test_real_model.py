@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tlshim
-from tlshim import analyses, examples, real_demo
+from tlshim import examples, real_demo
 
 from test_catalog import assert_invariants
 
@@ -75,9 +75,12 @@ def test_induction_heads_ablation_breaks_copying(report):
     # the 5 best heads (measured L18H6 0.73, L17H5 0.67, L17H4 0.56, L20H6 0.50, L17H3 0.41) ...
     assert ind.scores[ind.top[0]] > 0.6 and ind.scores[ind.top[-1]] > 0.3
     assert all(layer >= 10 for layer, _ in ind.top)
-    # ... ablated through hook_z triple the repeat loss (measured 1.114), far more than 5 random heads
+    # ... ablated through hook_z triple the repeat loss (measured 1.114), far more than 5 other heads drawn
+    # at random (measured 0.550, mean of 8 draws), and leave the first copy, where nothing can be copied,
+    # as it was (measured 5.005 against 5.014)
     assert ind.loss_repeat_ablated > ind.loss_repeat + 0.6
-    assert ind.loss_repeat_ablated > ind.loss_repeat_control + 0.3  # measured CONTROL
+    assert ind.loss_repeat_ablated > ind.loss_repeat_control + 0.4
+    assert abs(ind.loss_first_ablated - ind.loss_first) < 0.05
 
 
 def test_ioi_patching(model, report):
