@@ -242,6 +242,8 @@ def verdict(row, result, target):
 def target_text(row, targets, results):
     parts = []
     for size, target in targets.items():
+        if size not in results:
+            continue
         shown = f"{target * 1e3:g} ms" if row.endswith("_s") else f"{target:g}"
         mark = f" {verdict(row, results[size][row], target)}" if size in results and row in results[size] else ""
         parts.append(f"{size} ≤ {shown}{mark}")
