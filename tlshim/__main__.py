@@ -10,8 +10,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tlshim", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="installed versions and which architectures are supported here")
-    demo = commands.add_parser("demo", help="find and ablate the induction head of the shipped model")
-    demo.add_argument("--out", default="induction_pattern.png", help="where to write the attention pattern PNG")
+    commands.add_parser("demo", add_help=False, help="a report of induction heads, logit lens, patching and steering on a real model "
+                                     "(--arch: a small shipped model); tlshim demo --help")
     commands.add_parser("harvest", help="store activations over a dataset, sharded (torchrun for several processes)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "harvest":
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         return doctor.main(rest)
     from . import demo as demo_module
 
-    return demo_module.main(["--out", args.out, *rest])
+    return demo_module.main(rest)
 
 
 if __name__ == "__main__":
