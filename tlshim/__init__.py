@@ -7,7 +7,7 @@
 """
 
 from .activation_cache import ActivationCache
-from .errors import ConflictError, HookNameError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
+from .errors import ConflictError, HookNameError, HookOutputError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
 from .hook_points import HookPoint
 from .install import install, is_installed, uninstall
 from .loading import ReinitializedWeightsError, finish_loading, from_pretrained, loading, repair_buffers
@@ -18,6 +18,7 @@ __all__ = [
     "ActivationCache",
     "ConflictError",
     "HookNameError",
+    "HookOutputError",
     "HookPoint",
     "HookShapeError",
     "ReinitializedWeightsError",

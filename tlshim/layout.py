@@ -136,7 +136,7 @@ def _plan_layer(plan: Plan, i: int):
 
     mlp_out_site = plan.site(rel(spec.mlp_out), MlpOutSite, layer_site)
     ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
-    mid = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
+    mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
     ln2.in_points.append((mid, None))
     ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
     ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))

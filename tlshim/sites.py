@@ -7,12 +7,16 @@ there) and gives exactly that entry back when its last hook point goes idle.
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 from ._wrapt import wrap_callable
 from .errors import ConflictError
 
 _MISSING = object()
+#: {LayerSite: _LayerCall} of the decoder-layer forwards of this thread / task that carry a resid_mid hook
+_LAYER_CALLS: contextvars.ContextVar = contextvars.ContextVar("tlshim_layer_calls", default={})
 
 
 def split_heads(tensor, n_heads):
@@ -172,26 +176,39 @@ class RotarySite(Site):
         return query, key
 
 
+class _LayerCall:
+    __slots__ = ("mid", "mlp_out")
+
+    def __init__(self):
+        self.mid = self.mlp_out = None
+
+
 class LayerSite(Site):
     """A decoder layer: resid_pre on its input, resid_post on its output.
 
     An edit of resid_mid (fired at the pre-MLP norm's input) must also reach the residual branch the
     layer adds the MLP output to; the layer's output is then rebuilt as ``edited_mid + mlp_out``,
-    the very addition the layer does, so the result is what the model would have computed.
+    the very addition the layer does, so the result is what the model would have computed. Those two
+    values belong to one call of the layer (a context variable), never to the shared site.
     """
 
-    def __init__(self, module, path):
-        super().__init__(module, path)
-        self.mid_override = None
-        self.mlp_out_value = None
+    mid_point = None
 
     def call(self, wrapped, args, kwargs):
-        self.mid_override = self.mlp_out_value = None
-        out = wrapped(*args, **kwargs)
-        if self.mid_override is not None:
-            out = with_first_output(out, self.mid_override + self.mlp_out_value)
-            self.mid_override = self.mlp_out_value = None
+        if self.mid_point is None or not self.mid_point.active:
+            return wrapped(*args, **kwargs)
+        call = _LayerCall()
+        token = _LAYER_CALLS.set({**_LAYER_CALLS.get(), self: call})
+        try:
+            out = wrapped(*args, **kwargs)
+        finally:
+            _LAYER_CALLS.reset(token)
+        if call.mid is not None and call.mlp_out is not None:
+            out = with_first_output(out, call.mid + call.mlp_out)
         return out
+
+    def current_call(self):
+        return _LAYER_CALLS.get().get(self)
 
 
 class MlpOutSite(Site):
@@ -203,8 +220,9 @@ class MlpOutSite(Site):
 
     def on_output(self, y):
         y = fire_points(self.out_points, y)
-        if self.layer_site.mid_override is not None:
-            self.layer_site.mlp_out_value = y
+        call = self.layer_site.current_call()
+        if call is not None and call.mid is not None:
+            call.mlp_out = y
         return y
 
 
@@ -225,7 +243,9 @@ class NormSite(Site):
     def on_input(self, x):
         edited = fire_points(self.in_points, x)
         if self.layer_site is not None and edited is not x:
-            self.layer_site.mid_override = edited
+            call = self.layer_site.current_call()
+            if call is not None:
+                call.mid = edited
         return edited
 
     def call(self, wrapped, args, kwargs):
