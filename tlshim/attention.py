@@ -94,16 +94,26 @@ class AttnSite(Site):
             self._config = entries["config"]
             entries["config"] = self._proxy = _KernelConfig(self._config, self)
 
+    def conflict(self):
+        if self.wrapped and self.routes_config and self.module.__dict__.get("config") is not self._proxy:
+            return f"{self.path}.config (tlshim's kernel switch, now {type(self.module.__dict__.get('config')).__name__})"
+        return super().conflict()
+
     def release(self):
+        replaced = None
         if self._users == 1 and self.routes_config:
             entries = self.module.__dict__
-            if entries.get("config") is not self._proxy:
-                raise ConflictError(
+            if entries.get("config") is self._proxy:
+                entries["config"] = self._config
+            else:
+                replaced = ConflictError(
                     f"{self.path}.config was replaced while tlshim had a hook on that attention; "
-                    "put tlshim's proxy back (or remove your change after the hooks are gone)"
+                    "tlshim left the replacement there"
                 )
-            entries["config"], self._config, self._proxy = self._config, None, None
+            self._config = self._proxy = None
         super().release()
+        if replaced is not None:
+            raise replaced
 
     def call(self, wrapped, args, kwargs):
         if not self.kernel_needed():

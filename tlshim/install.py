@@ -9,6 +9,7 @@ import torch
 
 from .api import ModelAPI
 from .attention import register_kernel
+from .consistency import check_config
 from .errors import ConflictError
 from .hook_points import foreign_hooks, remove_all
 from .journal import ClassSwap, DictEntry, apply_all, undo_all
@@ -95,6 +96,7 @@ def install(model, tokenizer=None, **options):
     records += plan.entries + plan.swaps
     records.append(ClassSwap(model, ModelAPI, spec, "model"))
     cfg = _tl_config(model, spec, tokenizer)
+    check_config(model, spec, cfg)
     state = InstallState(spec, plan.hook_dict, cfg, tokenizer, records)
     records.append(DictEntry(model, STATE, state, "model"))
     register_kernel()
@@ -102,8 +104,13 @@ def install(model, tokenizer=None, **options):
     return given
 
 
-def uninstall(model):
-    """Remove everything tlshim added, last change first; the model is then exactly as before install."""
+def uninstall(model, force=False):
+    """Remove everything tlshim added, last change first; the model is then exactly as before install.
+
+    Every slot is checked before anything changes: if something else replaced one of tlshim's
+    attributes, aliases, wrapped forwards or the class, ConflictError names each and the model stays
+    installed. ``force=True`` removes everything that is still tlshim's and warns naming what it left.
+    """
     if not is_installed(model):
         warnings.warn("tlshim is not installed on this model; nothing to uninstall", stacklevel=2)
         return model
@@ -115,8 +122,27 @@ def uninstall(model):
             f"{busy} hooks of another thread or asyncio task are active on this model (a run_with_cache, "
             "run_with_hooks or hooks() block still running there); uninstall once those calls have returned"
         )
-    remove_all([hook for point in points for hook in point.registrations()])
-    undo_all(state.records)
+    sites = {site: None for point in points for site in point._sites}
+    conflicts = {record: found for record in state.records if (found := record.conflict())}
+    replaced = [found for site in sites if (found := site.conflict())]
+    if (conflicts or replaced) and not force:
+        raise ConflictError(
+            "something else replaced what tlshim installed at: " + "; ".join([*replaced, *conflicts.values()])
+            + ". Nothing was changed and tlshim is still installed: undo those changes and uninstall again, "
+            "or tlshim.uninstall(model, force=True) to remove everything that is still tlshim's"
+        )
+    try:
+        remove_all([hook for point in points for hook in point.registrations()])
+    except ConflictError:
+        if not force:
+            raise
+    undo_all(state.records, skip=conflicts)
+    if force and (conflicts or replaced):
+        warnings.warn(
+            "tlshim.uninstall(force=True) removed everything that was still tlshim's and left what had been "
+            "replaced: " + "; ".join([*replaced, *conflicts.values()]),
+            stacklevel=2,
+        )
     return model
 
 

@@ -96,6 +96,7 @@ class Site:
             slot = next((name for name in (self._slot, "_old_forward", "forward") if entries.get(name) is self._wrapper), None)
             if slot is None:
                 found = entries.get(self._slot)
+                self._wrapper, self._saved = None, _MISSING
                 raise ConflictError(
                     f"{self.path}.{self._slot} was replaced by something else while tlshim had it wrapped "
                     f"(found {type(found).__name__} {getattr(found, '__qualname__', '')}); "
@@ -109,6 +110,15 @@ class Site:
             else:
                 entries[slot] = saved
             self._wrapper, self._saved = None, _MISSING
+
+    def conflict(self) -> str | None:
+        """While wrapped: a description of what replaced tlshim's wrapper, if something did."""
+        if not self.wrapped:
+            return None
+        entries = self.module.__dict__
+        if any(entries.get(name) is self._wrapper for name in (self._slot, "_old_forward", "forward")):
+            return None
+        return f"{self.path}.{self._slot} (tlshim's hook wrapper, now {type(entries.get(self._slot)).__name__})"
 
     @property
     def wrapped(self) -> bool:
