@@ -52,6 +52,13 @@ def _stacked(part, name):
 
 
 class ModelAPI:
+    def __copy__(self):
+        raise TypeError(
+            "copy.copy of a model with tlshim installed would share its modules, hook points and tlshim's "
+            "journal with the original (uninstalling the copy would uninstall the original); use "
+            "copy.deepcopy(model) for an independent installed copy, or tlshim.uninstall(model) first"
+        )
+
     @property
     def hook_dict(self) -> dict:
         return self._tlshim.hook_dict

@@ -44,13 +44,20 @@ class _KernelConfig(ObjectProxy):
 
     @property
     def _attn_implementation(self):
-        if self._self_site in _CALLS.get():
+        site = self._self_site
+        if site in _CALLS.get() and site.kernel_needed():  # not in a plain forward run by one of its hooks
             return KERNEL_NAME
         return self.__wrapped__._attn_implementation
 
     @_attn_implementation.setter
     def _attn_implementation(self, value):
         self.__wrapped__._attn_implementation = value
+
+    def __reduce_ex__(self, protocol):
+        raise self._self_site.copy_error()
+
+    def __deepcopy__(self, memo):
+        raise self._self_site.copy_error()
 
 
 class _KeyHookCache(ObjectProxy):

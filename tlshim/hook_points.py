@@ -24,6 +24,9 @@ _ORDER = itertools.count(1)
 #: {HookPoint: (Hook, ...)} of the calling thread / task; replaced, never changed in place, so a task
 #: that copied the context (asyncio, ``asyncio.to_thread``) keeps the hooks it saw when it started
 _SCOPED: contextvars.ContextVar = contextvars.ContextVar("tlshim_scoped_hooks", default={})
+#: the scope a hook function runs in: no hook is active inside it (the key None hides model-wide
+#: hooks), so a forward of the same model run by a hook is a plain one unless it adds its own hooks
+_INSIDE_HOOK = {None: ()}
 #: guards each point's registration count and the wrapping and unwrapping of module forwards
 LOCK = threading.RLock()
 
@@ -69,6 +72,14 @@ class HookPoint:
     def __repr__(self):
         return f"HookPoint({self.name!r})"
 
+    def __getstate__(self):
+        if self._count:
+            raise TypeError(
+                f"{self.name} holds hooks; deepcopy, pickle or torch.save the model when no hook is active "
+                "(outside run_with_hooks / run_with_cache / hooks(), after reset_hooks(including_permanent=True))"
+            )
+        return dict(vars(self))
+
     def layer(self) -> int:
         match = _LAYER.match(self.name)
         if match is None:
@@ -78,12 +89,14 @@ class HookPoint:
     @property
     def active(self) -> bool:
         """Whether a hook fires here for the calling thread / task."""
-        return bool(self._hooks) or self in _SCOPED.get()
+        scoped = _SCOPED.get()
+        return self in scoped or (bool(self._hooks) and None not in scoped)
 
     def registrations(self, dir: str = "both") -> list:
         """The hooks that fire here for the calling thread / task: model-wide and its own, in the order added."""
-        scoped = _SCOPED.get().get(self, ())
-        hooks = sorted((*self._hooks, *scoped), key=_order) if scoped and self._hooks else scoped or self._hooks
+        current = _SCOPED.get()
+        scoped, shared = current.get(self, ()), () if None in current else self._hooks
+        hooks = sorted((*shared, *scoped), key=_order) if scoped and shared else scoped or shared
         return [hook for hook in hooks if dir in (hook.dir, "both") and not hook.removed]
 
     @property
@@ -139,7 +152,7 @@ class HookPoint:
             if hook.dir == "bwd":
                 backward.append(hook)
                 continue
-            out = hook.fn(tensor, hook=self)
+            out = _call(hook, tensor, self)
             if out is not None:
                 tensor = _checked(hook, out, tensor, "returned")
         if backward and tensor.requires_grad:
@@ -152,10 +165,19 @@ def _run_backward(point, hooks, grad):
     for hook in hooks:
         if hook.removed:
             continue
-        out = hook.fn(grad, hook=point)
+        out = _call(hook, grad, point)
         if out is not None:
             grad = _checked(hook, out, grad, "returned as gradient")
     return grad
+
+
+def _call(hook, tensor, point):
+    """Run one hook function with every hook inactive (a forward it runs is not hooked by its caller's hooks)."""
+    token = _SCOPED.set(_INSIDE_HOOK)
+    try:
+        return hook.fn(tensor, hook=point)
+    finally:
+        _SCOPED.reset(token)
 
 
 def _checked(hook, out, expected, verb):
@@ -217,7 +239,7 @@ def remove_all(hooks):
             mapping = {}
             for point, held in current.items():
                 kept = tuple(hook for hook in held if id(hook) not in scoped)
-                if kept:
+                if kept or point is None:
                     mapping[point] = kept
             _SCOPED.set(mapping)
         for point in {hook.point: None for hook in live if not hook.scoped}:

@@ -132,7 +132,7 @@ def uninstall(model, force=False):
             "or tlshim.uninstall(model, force=True) to remove everything that is still tlshim's"
         )
     try:
-        remove_all([hook for point in points for hook in point.registrations()])
+        remove_all([hook for point in points for hook in {*point._hooks, *point.registrations()}])
     except ConflictError:
         if not force:
             raise

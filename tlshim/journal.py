@@ -6,6 +6,8 @@ Each record can say, before anything changes, whether its undo would meet someth
 
 from __future__ import annotations
 
+import weakref
+
 from .errors import ConflictError, TlshimError
 from .subclass import patched_class
 
@@ -22,7 +24,31 @@ def _occupied(obj, key) -> str | None:
     return None
 
 
-class DictEntry:
+class WeakObj:
+    """Holds ``obj`` weakly, so the journal kept on a model makes no reference cycle through it and the
+    model is freed as soon as its last reference goes; copies and pickles carry it as a plain reference."""
+
+    @property
+    def obj(self):
+        return self._ref()
+
+    @obj.setter
+    def obj(self, value):
+        self._ref = weakref.ref(value)
+
+    def __getstate__(self):
+        state = dict(vars(self))
+        state["obj"] = state.pop("_ref")()
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        obj = state.pop("obj")
+        vars(self).update(state)
+        self.obj = obj
+
+
+class DictEntry(WeakObj):
     """A new entry in an object's ``__dict__`` (a hook point, an alias, tlshim's state); undone with del."""
 
     def __init__(self, obj, key, value, where: str):
@@ -40,6 +66,8 @@ class DictEntry:
         vars(self.obj)[self.key] = self.value
 
     def conflict(self) -> str | None:
+        if self.obj is None:  # gone with what held it: nothing left to undo
+            return None
         found = vars(self.obj).get(self.key, "nothing")
         if found is self.value:
             return None
@@ -51,10 +79,11 @@ class DictEntry:
                 f"{self.where}.{self.key} was changed by something else after tlshim.install; "
                 "undo that change first, then uninstall"
             )
-        del vars(self.obj)[self.key]
+        if self.obj is not None:
+            del vars(self.obj)[self.key]
 
 
-class ClassSwap:
+class ClassSwap(WeakObj):
     """A per-instance subclass carrying TransformerLens properties; undone by restoring the class."""
 
     def __init__(self, obj, mixin, spec, where: str):
@@ -73,7 +102,7 @@ class ClassSwap:
 
     def conflict(self) -> str | None:
         current = type(self.obj)
-        if current.__dict__.get("_tlshim_base") is self.old_cls:
+        if self.obj is None or current.__dict__.get("_tlshim_base") is self.old_cls:
             return None
         return f"the class of {self.where} (now {current.__qualname__}, not tlshim's subclass of {self.old_cls.__qualname__})"
 
@@ -83,7 +112,8 @@ class ClassSwap:
                 f"the class of {self.where} was changed to {type(self.obj).__qualname__} after tlshim.install "
                 f"(expected tlshim's subclass of {self.old_cls.__qualname__}); undo that first"
             )
-        self.obj.__class__ = self.old_cls
+        if self.obj is not None:
+            self.obj.__class__ = self.old_cls
 
 
 class Call:

@@ -111,6 +111,13 @@ class Site:
                 entries[slot] = saved
             self._wrapper, self._saved = None, _MISSING
 
+    def copy_error(self):
+        return TypeError(
+            f"{self.path}.forward is wrapped by tlshim while a hook is active on it; deepcopy, pickle or "
+            "torch.save the model when no hook is active (outside run_with_hooks / run_with_cache / hooks(), "
+            "and after reset_hooks(including_permanent=True) for hooks added with add_hook)"
+        )
+
     def conflict(self) -> str | None:
         """While wrapped: a description of what replaced tlshim's wrapper, if something did."""
         if not self.wrapped:
@@ -205,15 +212,17 @@ class LayerSite(Site):
     mid_point = None
 
     def call(self, wrapped, args, kwargs):
-        if self.mid_point is None or not self.mid_point.active:
+        calls = _LAYER_CALLS.get()
+        active = self.mid_point is not None and self.mid_point.active
+        if not active and self not in calls:
             return wrapped(*args, **kwargs)
-        call = _LayerCall()
-        token = _LAYER_CALLS.set({**_LAYER_CALLS.get(), self: call})
+        call = _LayerCall() if active else None  # None: a nested forward of this layer (run by a hook) has none
+        token = _LAYER_CALLS.set({**calls, self: call})
         try:
             out = wrapped(*args, **kwargs)
         finally:
             _LAYER_CALLS.reset(token)
-        if call.mid is not None and call.mlp_out is not None:
+        if call is not None and call.mid is not None and call.mlp_out is not None:
             out = with_first_output(out, call.mid + call.mlp_out)
         return out
 
