@@ -216,3 +216,41 @@ def test_an_installed_model_is_freed_by_its_last_reference(work):
 
 def _no_op(tensor, hook):
     return None
+
+
+def _ablate_head(tensor, hook):
+    return tensor * torch.tensor([1.0, 0.0, 1.0, 1.0])[:, None, None]
+
+
+CHECKPOINT_EDITS = {
+    "mlp_post": ("blocks.1.mlp.hook_post", lambda t, hook: t * 1.5),
+    "pattern": ("blocks.1.attn.hook_pattern", _ablate_head),
+    "ln2": ("blocks.2.ln2.hook_normalized", lambda t, hook: t * 0.5),
+    "resid_mid": ("blocks.2.hook_resid_mid", lambda t, hook: t * 1.5 + _vector(7)),
+    "rot_k": ("blocks.0.attn.hook_rot_k", lambda t, hook: t * 0.5),
+}
+
+
+def _grads_after_run_with_hooks(model, ids, edit):
+    logits = model.run_with_hooks(ids, fwd_hooks=[edit] if edit else [])
+    logits.logsumexp(-1).mean().backward()  # after run_with_hooks has returned
+    return {name: param.grad for name, param in model.named_parameters()}
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("edit", list(CHECKPOINT_EDITS))
+def test_checkpointed_layers_recompute_with_the_hooks_of_their_forward(edit, mode):
+    model = tlshim.install(build(train=True))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    ids = tokens()
+    got = _grads_after_run_with_hooks(model, ids, CHECKPOINT_EDITS[edit])
+    expected = _grads_after_run_with_hooks(tlshim.install(build(train=True)), ids, CHECKPOINT_EDITS[edit])
+    plain = build(train=True)
+    plain(ids).logits.logsumexp(-1).mean().backward()
+    assert any(not torch.equal(param.grad, expected[name]) for name, param in plain.named_parameters())
+    for name, grad in got.items():
+        assert torch.equal(grad, expected[name]), name
+    assert not any(point.active for point in model.hook_dict.values())
+    assert not any("forward" in vars(module) for module in model.modules())
+    assert not any(type(vars(module).get("_gradient_checkpointing_func")).__name__ == "Replaying" for module in model.modules())

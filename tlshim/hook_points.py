@@ -9,6 +9,7 @@ points; the wrapper fires only the hooks the calling thread may see.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -34,9 +35,9 @@ LOCK = threading.RLock()
 class Hook:
     """One registration of a hook function; removing it removes exactly this one (TransformerLens's LensHandle)."""
 
-    __slots__ = ("point", "fn", "dir", "permanent", "scoped", "order", "removed")
+    __slots__ = ("point", "fn", "dir", "permanent", "scoped", "order", "removed", "source")
 
-    def __init__(self, point, fn, dir="fwd", permanent=False, prepend=False, scoped=False):
+    def __init__(self, point, fn, dir="fwd", permanent=False, prepend=False, scoped=False, source=None):
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         if not callable(fn):
@@ -47,6 +48,7 @@ class Hook:
         self.point, self.fn, self.dir, self.permanent, self.scoped = point, fn, dir, permanent, scoped
         self.order = -next(_ORDER) if prepend else next(_ORDER)
         self.removed = False
+        self.source = source or self  # a replayed copy (gradient checkpointing) answers for its original
 
     def __repr__(self):
         return f"Hook({self.point.name!r}, {getattr(self.fn, '__name__', self.fn)!r}, {self.dir!r})"
@@ -163,7 +165,7 @@ class HookPoint:
 
 def _run_backward(point, hooks, grad):
     for hook in hooks:
-        if hook.removed:
+        if hook.source.removed:
             continue
         out = _call(hook, grad, point)
         if out is not None:
@@ -224,6 +226,40 @@ def add_scoped(entries) -> list:
             mapping[hook.point] = mapping.get(hook.point, ()) + (hook,)
         _SCOPED.set(mapping)
     return hooks
+
+
+def scope():
+    """The calling thread / task's own hooks, to replay later with ``replayed``."""
+    return _SCOPED.get()
+
+
+@contextlib.contextmanager
+def replayed(snapshot):
+    """The hooks of ``snapshot`` (a ``scope()``), active again in the calling thread for a block: a
+    checkpointed layer recomputed during backward sees the hooks its forward saw, even after the
+    run_with_hooks that added them has returned."""
+    originals = [hook for point, held in snapshot.items() if point is not None for hook in held]
+    clones = [Hook(hook.point, hook.fn, hook.dir, scoped=True, source=hook.source) for hook in originals]
+    for clone, hook in zip(clones, originals):
+        clone.order = hook.order
+    mapping = {None: ()} if None in snapshot else {}
+    with LOCK:
+        done = []
+        try:
+            for clone in clones:
+                clone.point._acquire()
+                done.append(clone)
+        except BaseException:
+            _all(clone.point._release for clone in done)
+            raise
+    for clone in clones:
+        mapping[clone.point] = mapping.get(clone.point, ()) + (clone,)
+    token = _SCOPED.set(mapping)
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+        remove_all(clones)
 
 
 def remove_all(hooks):

@@ -47,6 +47,11 @@ class Plan:
                     f"own copy (copy.deepcopy) before tlshim.install"
                 )
             site = self.sites[path] = cls(module, path, *args)
+            layers = self.spec.layers
+            if path.startswith(layers + "."):
+                layer = ".".join(path.split(".")[: layers.count(".") + 2])
+                layer_site = site if layer == path else self.sites.get(layer)
+                site.checkpoint_owners = ((self.module(layer), layer_site), (self.module(layers.rpartition(".")[0]), None))
             parent, _, attr = path.rpartition(".")
             site.locate = functools.partial(getattr, self.module(parent), attr)
         if not isinstance(self.sites[path], cls):

@@ -11,6 +11,7 @@ import contextvars
 
 import torch
 
+from . import checkpointing
 from ._wrapt import wrap_callable
 from .errors import ConflictError
 
@@ -70,6 +71,10 @@ class Site:
     def __repr__(self):
         return f"{type(self).__name__}({self.path!r}, users={self._users})"
 
+    #: inside a decoder layer: (that layer, its LayerSite) and (the module holding the layers, None), whose
+    #: checkpoint functions replay this thread's hooks when a checkpointed layer is recomputed (checkpointing.py)
+    checkpoint_owners = ()
+
     #: re-finds the module by path at each first acquire (set by the planner), so a module that
     #: peft swapped in (a LoRA layer around the original) is the one wrapped and its output is seen
     locate = None
@@ -85,11 +90,15 @@ class Site:
             self._saved = entries.get(self._slot, _MISSING)
             self._wrapper = wrap_callable(getattr(self.module, self._slot), self)
             entries[self._slot] = self._wrapper
+            for owner, layer_site in self.checkpoint_owners:
+                checkpointing.hold(owner, layer_site)
         self._users += 1
 
     def release(self):
         self._users -= 1
         if self._users == 0:
+            for owner, _ in self.checkpoint_owners:
+                checkpointing.let_go(owner)
             entries = self.module.__dict__
             # accelerate moves what it finds in forward to _old_forward when it adds its hook (and back
             # when it removes it): while a hook was live, the wrapper may sit in the other slot
