@@ -37,7 +37,7 @@ class Hook:
 
     __slots__ = ("point", "fn", "dir", "permanent", "scoped", "order", "removed", "source")
 
-    def __init__(self, point, fn, dir="fwd", permanent=False, prepend=False, scoped=False, source=None):
+    def __init__(self, point, fn, dir="fwd", permanent=False, prepend=False, scoped=False, source=None, order=None):
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         if not callable(fn):
@@ -46,7 +46,7 @@ class Hook:
                 f"got {type(fn).__name__} {fn!r:.60}"
             )
         self.point, self.fn, self.dir, self.permanent, self.scoped = point, fn, dir, permanent, scoped
-        self.order = -next(_ORDER) if prepend else next(_ORDER)
+        self.order = order if order is not None else -next(_ORDER) if prepend else next(_ORDER)
         self.removed = False
         self.source = source or self  # a replayed copy (gradient checkpointing) answers for its original
 
@@ -209,9 +209,8 @@ def _inserted(hooks: tuple, hook) -> tuple:
     return (hook, *hooks) if hook.order < 0 else (*hooks, hook)
 
 
-def add_scoped(entries) -> list:
-    """Add ``(point, fn, dir)`` hooks that fire only in the calling thread / asyncio task; returns them."""
-    hooks = [Hook(point, fn, dir, scoped=True) for point, fn, dir in entries]
+def _acquire_all(hooks):
+    """Switch on the sites of each hook's point (all or none)."""
     with LOCK:
         done = []
         try:
@@ -221,10 +220,20 @@ def add_scoped(entries) -> list:
         except BaseException:
             _all(hook.point._release for hook in done)
             raise
-        mapping = dict(_SCOPED.get())
-        for hook in hooks:
-            mapping[hook.point] = mapping.get(hook.point, ()) + (hook,)
-        _SCOPED.set(mapping)
+
+
+def _merged(mapping, hooks) -> dict:
+    mapping = dict(mapping)
+    for hook in hooks:
+        mapping[hook.point] = mapping.get(hook.point, ()) + (hook,)
+    return mapping
+
+
+def add_scoped(entries) -> list:
+    """Add ``(point, fn, dir)`` hooks that fire only in the calling thread / asyncio task; returns them."""
+    hooks = [Hook(point, fn, dir, scoped=True) for point, fn, dir in entries]
+    _acquire_all(hooks)
+    _SCOPED.set(_merged(_SCOPED.get(), hooks))
     return hooks
 
 
@@ -238,23 +247,12 @@ def replayed(snapshot):
     """The hooks of ``snapshot`` (a ``scope()``), active again in the calling thread for a block: a
     checkpointed layer recomputed during backward sees the hooks its forward saw, even after the
     run_with_hooks that added them has returned."""
-    originals = [hook for point, held in snapshot.items() if point is not None for hook in held]
-    clones = [Hook(hook.point, hook.fn, hook.dir, scoped=True, source=hook.source) for hook in originals]
-    for clone, hook in zip(clones, originals):
-        clone.order = hook.order
-    mapping = {None: ()} if None in snapshot else {}
-    with LOCK:
-        done = []
-        try:
-            for clone in clones:
-                clone.point._acquire()
-                done.append(clone)
-        except BaseException:
-            _all(clone.point._release for clone in done)
-            raise
-    for clone in clones:
-        mapping[clone.point] = mapping.get(clone.point, ()) + (clone,)
-    token = _SCOPED.set(mapping)
+    clones = [
+        Hook(hook.point, hook.fn, hook.dir, scoped=True, source=hook.source, order=hook.order)
+        for point, held in snapshot.items() if point is not None for hook in held
+    ]
+    _acquire_all(clones)
+    token = _SCOPED.set(_merged({None: ()} if None in snapshot else {}, clones))
     try:
         yield
     finally:
