@@ -94,12 +94,16 @@ class HookPoint:
         scoped = _SCOPED.get()
         return self in scoped or (bool(self._hooks) and None not in scoped)
 
-    def registrations(self, dir: str = "both") -> list:
-        """The hooks that fire here for the calling thread / task: model-wide and its own, in the order added."""
+    def _visible(self):
+        """The hooks that fire here for the calling thread / task: model-wide and its own, in the order
+        added (removed ones may still be listed: a scoped hook removed from another context)."""
         current = _SCOPED.get()
         scoped, shared = current.get(self, ()), () if None in current else self._hooks
-        hooks = sorted((*shared, *scoped), key=_order) if scoped and shared else scoped or shared
-        return [hook for hook in hooks if dir in (hook.dir, "both") and not hook.removed]
+        return sorted((*shared, *scoped), key=_order) if scoped and shared else scoped or shared
+
+    def registrations(self, dir: str = "both") -> list:
+        """The live hooks of direction ``dir`` that fire here for the calling thread / task."""
+        return [hook for hook in self._visible() if dir in (hook.dir, "both") and not hook.removed]
 
     @property
     def fwd_hooks(self) -> list:
@@ -150,7 +154,9 @@ class HookPoint:
     def fire(self, tensor):
         """Run the forward hooks on ``tensor``; returns what flows on downstream."""
         backward = []
-        for hook in self.registrations():
+        for hook in self._visible():
+            if hook.removed:
+                continue
             if hook.dir == "bwd":
                 backward.append(hook)
                 continue
