@@ -107,8 +107,8 @@ def test_threads_each_get_their_single_threaded_result(attn):
     kinds = sorted(calls)
     with torch.no_grad():
         expected = {kind: calls[kind]() for kind in kinds}
-        assert not torch.equal(expected["steer"][0], expected["plain"][0][:, :])  # the edits do something
-        assert not torch.equal(expected["pattern_edit"][0], model(tokens(batch=2, seq=10, seed=6)).logits)
+        for kind, seed in (("steer", 4), ("mid_edit", 5), ("pattern_edit", 6), ("rot_k_edit", 7)):  # the edits do something
+            assert not torch.equal(expected[kind][0], plain(tokens(batch=2, seq=10, seed=seed)).logits), kind
         results = [[] for _ in range(THREADS)]
 
         def work(i):

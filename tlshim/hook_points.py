@@ -48,7 +48,7 @@ class Hook:
         self.point, self.fn, self.dir, self.permanent, self.scoped = point, fn, dir, permanent, scoped
         self.order = order if order is not None else -next(_ORDER) if prepend else next(_ORDER)
         self.removed = False
-        self.source = source or self  # a replayed copy (gradient checkpointing) answers for its original
+        self.source = source  # the original a replayed copy (gradient checkpointing) answers for
 
     def __repr__(self):
         return f"Hook({self.point.name!r}, {getattr(self.fn, '__name__', self.fn)!r}, {self.dir!r})"
@@ -149,7 +149,7 @@ class HookPoint:
     def _release(self):
         self._count -= 1
         if self._count == 0:
-            _all(site.release for site in self._sites)
+            _all(self._sites, "release")
 
     def fire(self, tensor):
         """Run the forward hooks on ``tensor``; returns what flows on downstream."""
@@ -171,7 +171,7 @@ class HookPoint:
 
 def _run_backward(point, hooks, grad):
     for hook in hooks:
-        if hook.source.removed:
+        if (hook.source or hook).removed:
             continue
         out = _call(hook, grad, point)
         if out is not None:
@@ -224,7 +224,7 @@ def _acquire_all(hooks):
                 hook.point._acquire()
                 done.append(hook)
         except BaseException:
-            _all(hook.point._release for hook in done)
+            _all([hook.point for hook in done], "_release")
             raise
 
 
@@ -254,7 +254,7 @@ def replayed(snapshot):
     checkpointed layer recomputed during backward sees the hooks its forward saw, even after the
     run_with_hooks that added them has returned."""
     clones = [
-        Hook(hook.point, hook.fn, hook.dir, scoped=True, source=hook.source, order=hook.order)
+        Hook(hook.point, hook.fn, hook.dir, scoped=True, source=hook.source or hook, order=hook.order)
         for point, held in snapshot.items() if point is not None for hook in held
     ]
     _acquire_all(clones)
@@ -274,17 +274,16 @@ def remove_all(hooks):
         for hook in live:
             hook.removed = True
         scoped = {id(hook) for hook in live if hook.scoped}
-        current = _SCOPED.get()
-        if scoped and any(id(hook) in scoped for held in current.values() for hook in held):
+        if scoped:  # those of the calling context go from its mapping (others are only marked removed)
             mapping = {}
-            for point, held in current.items():
-                kept = tuple(hook for hook in held if id(hook) not in scoped)
+            for point, held in _SCOPED.get().items():
+                kept = tuple([hook for hook in held if id(hook) not in scoped])
                 if kept or point is None:
                     mapping[point] = kept
             _SCOPED.set(mapping)
         for point in {hook.point: None for hook in live if not hook.scoped}:
             point._hooks = tuple(hook for hook in point._hooks if not hook.removed)
-        _all(hook.point._release for hook in live)
+        _all([hook.point for hook in live], "_release")
 
 
 def foreign_hooks(points) -> int:
@@ -295,12 +294,12 @@ def foreign_hooks(points) -> int:
     )
 
 
-def _all(calls):
-    """Make every call; raise the first error afterwards."""
+def _all(objects, method):
+    """Call ``method`` of every object; raise the first error afterwards."""
     error = None
-    for call in calls:
+    for obj in objects:
         try:
-            call()
+            getattr(obj, method)()
         except BaseException as err:  # noqa: PERF203
             error = error or err
     if error is not None:

@@ -91,14 +91,16 @@ class Site:
             self._wrapper = wrap_callable(getattr(self.module, self._slot), self)
             entries[self._slot] = self._wrapper
             for owner, layer_site in self.checkpoint_owners:
-                checkpointing.hold(owner, layer_site)
+                if checkpointing.ATTR in owner.__dict__:
+                    checkpointing.hold(owner, layer_site)
         self._users += 1
 
     def release(self):
         self._users -= 1
         if self._users == 0:
             for owner, _ in self.checkpoint_owners:
-                checkpointing.let_go(owner)
+                if checkpointing.ATTR in owner.__dict__:
+                    checkpointing.let_go(owner)
             entries = self.module.__dict__
             # accelerate moves what it finds in forward to _old_forward when it adds its hook (and back
             # when it removes it): while a hook was live, the wrapper may sit in the other slot
