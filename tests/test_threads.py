@@ -211,3 +211,19 @@ def test_asyncio_tasks_own_their_hooks():
     assert not torch.equal(steered, native)
     assert torch.equal(got_steered, steered) and torch.equal(got_native, native)
     _assert_native(model, plain, ids)
+
+
+def test_a_thread_started_with_a_copy_of_the_context_sees_the_block_hooks():
+    import contextvars
+
+    model = tlshim.install(build("llama"))
+    ids = tokens()
+    seen = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: seen.append(threading.current_thread().name))]):
+        fresh = threading.Thread(target=lambda: model(ids), name="fresh")
+        copied = threading.Thread(target=contextvars.copy_context().run, args=(lambda: model(ids),), name="copied")
+        for thread in (fresh, copied):
+            thread.start()
+            thread.join()
+    assert seen == ["copied"]
+    assert not any(point.active for point in model.hook_dict.values())
