@@ -7,7 +7,7 @@
 """
 
 from .activation_cache import ActivationCache
-from .errors import ConflictError, HookNameError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
+from .errors import ConflictError, HookNameError, HookOutputError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
 from .harvest import HarvestError, harvest
 from .harvest_read import open_harvest
 from .hook_points import HookPoint
@@ -21,6 +21,7 @@ __all__ = [
     "ConflictError",
     "HarvestError",
     "HookNameError",
+    "HookOutputError",
     "HookPoint",
     "HookShapeError",
     "ReinitializedWeightsError",
