@@ -14,6 +14,7 @@ against a plain eager twin (the kernel difference is its own row).
 
     python benchmarks/bench_overhead.py            # a few minutes
     python benchmarks/bench_overhead.py --quick    # smoke run, about a minute
+    python benchmarks/bench_overhead.py --model smollm2   # the real model (tlshim.examples.smollm2)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ SIZES = {
     "tiny": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),
 }
+#: real models (tlshim.examples), each instance loaded from the converted checkpoint
+REAL = {"smollm2": dict(vocab_size=49152, hidden_size=576)}
 HOOK_NAME = "blocks.3.hook_resid_post"
 #: CPU time of this thread (with one torch thread, the work runs on it): on a shared machine it leaves
 #: out the time the process waits for a core, which wall time (--clock wall) counts as overhead.
@@ -74,13 +77,22 @@ def is_resid(name):
 
 
 def build(size, attn="sdpa", seed=0):
-    config = transformers.LlamaConfig(max_position_embeddings=SEQ + NEW_TOKENS, **SIZES[size])
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()
+    if size in REAL:
+        model = real_model(size, attn_implementation=attn)[0]
+    else:
+        config = transformers.LlamaConfig(max_position_embeddings=SEQ + NEW_TOKENS, **SIZES[size])
+        config.architectures = ["LlamaForCausalLM"]
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()
     model.generation_config.eos_token_id = None  # always NEW_TOKENS new tokens
     model.generation_config.pad_token_id = 0
     return model
+
+
+def real_model(size, **kwargs):
+    from tlshim import examples
+
+    return getattr(examples, size)(install=False, **kwargs)
 
 
 def word_tokenizer(vocab_size):
@@ -156,8 +168,9 @@ def time_bridge_build(size, tokenizer, repeats):
 
 
 def bench_size(size, args, with_bridge):
-    ids = torch.randint(0, SIZES[size]["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(1))
-    d_model = SIZES[size]["hidden_size"]
+    dims = (REAL | SIZES)[size]
+    ids = torch.randint(0, dims["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(1))
+    d_model = dims["hidden_size"]
     vec = torch.randn(d_model, generator=torch.Generator().manual_seed(2))
 
     def add_vec(tensor, hook):
@@ -185,7 +198,7 @@ def bench_size(size, args, with_bridge):
     }
     baselines = {"gen": "native_gen"}
     if with_bridge:
-        tokenizer = word_tokenizer(SIZES[size]["vocab_size"])
+        tokenizer = real_model(size)[1] if size in REAL else word_tokenizer(dims["vocab_size"])
         eager = build(size, attn="eager")
         bridge = boot_bridge(build(size), tokenizer)
         assert torch.allclose(bridge(ids), eager(ids).logits, atol=1e-4), "bridge disagrees with its twin"
@@ -229,6 +242,8 @@ def verdict(row, result, target):
 def target_text(row, targets, results):
     parts = []
     for size, target in targets.items():
+        if size not in results:
+            continue
         shown = f"{target * 1e3:g} ms" if row.endswith("_s") else f"{target:g}"
         mark = f" {verdict(row, results[size][row], target)}" if size in results and row in results[size] else ""
         parts.append(f"{size} ≤ {shown}{mark}")
@@ -259,6 +274,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
     parser.add_argument("--sizes", default="mid,tiny", help="comma-separated, from: " + ", ".join(SIZES))
+    parser.add_argument("--model", choices=list(REAL), help="a real model instead of the random sizes")
     parser.add_argument("--no-bridge", action="store_true", help="skip TransformerBridge even if installed")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: this thread's CPU time (default, robust on a busy machine); wall: perf_counter")
@@ -269,15 +285,17 @@ def main(argv=None):
     q = args.quick
     args.forward = {
         "mid": dict(rounds=4 if q else 30, inner=1, warmup=1 if q else 2),
+        "smollm2": dict(rounds=4 if q else 20, inner=1, warmup=1 if q else 2),
         "tiny": dict(rounds=8 if q else 60, inner=3 if q else 5, warmup=3 if q else 10),
     }
     args.generate = {
         "mid": dict(rounds=2 if q else 10, inner=1, warmup=1),
+        "smollm2": dict(rounds=2 if q else 8, inner=1, warmup=1),
         "tiny": dict(rounds=3 if q else 20, inner=1, warmup=1 if q else 2),
     }
     args.install_cycles = 5 if q else 50
     args.bridge_builds = 1 if q else 5
-    sizes = args.sizes.split(",")
+    sizes = [args.model] if args.model else args.sizes.split(",")
     with_bridge = not args.no_bridge and bridge_available()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, tlshim {tlshim.__version__}, "
           f"threads {torch.get_num_threads()}, clock {args.clock}, TransformerBridge: "

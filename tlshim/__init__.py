@@ -7,7 +7,9 @@
 """
 
 from .activation_cache import ActivationCache
-from .errors import ConflictError, HookNameError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
+from .errors import ConflictError, HookNameError, HookOutputError, HookShapeError, TlshimError, UnsupportedModelError, UnsupportedVersionError
+from .harvest import HarvestError, harvest
+from .harvest_read import open_harvest
 from .hook_points import HookPoint
 from .install import install, is_installed, uninstall
 from .loading import ReinitializedWeightsError, finish_loading, from_pretrained, loading, repair_buffers
@@ -18,7 +20,9 @@ from .verify import VerifyReport, verify
 __all__ = [
     "ActivationCache",
     "ConflictError",
+    "HarvestError",
     "HookNameError",
+    "HookOutputError",
     "HookPoint",
     "HookShapeError",
     "ReinitializedWeightsError",
@@ -27,9 +31,11 @@ __all__ = [
     "UnsupportedVersionError",
     "finish_loading",
     "from_pretrained",
+    "harvest",
     "install",
     "is_installed",
     "loading",
+    "open_harvest",
     "record_generation",
     "repair_buffers",
     "supported",

@@ -5,9 +5,20 @@ import wrapt
 ObjectProxy = getattr(wrapt, "BaseObjectProxy", None) or wrapt.ObjectProxy
 
 
+class _Wrapper(wrapt.FunctionWrapper):
+    """Copying or pickling it raises ``wrapper.copy_error()`` (wrapt's own error names no culprit)."""
+
+    def __reduce_ex__(self, protocol):
+        raise self._self_wrapper.copy_error()
+
+    def __deepcopy__(self, memo):
+        raise self._self_wrapper.copy_error()
+
+
 def wrap_callable(wrapped, wrapper):
-    """A wrapt FunctionWrapper: ``wrapper(wrapped, instance, args, kwargs)`` runs instead of ``wrapped``."""
-    return wrapt.FunctionWrapper(wrapped, wrapper)
+    """A wrapt FunctionWrapper: ``wrapper(wrapped, instance, args, kwargs)`` runs instead of ``wrapped``;
+    ``wrapper.copy_error()`` is what copying or pickling it raises."""
+    return _Wrapper(wrapped, wrapper)
 
 
 def is_wrapper(obj) -> bool:

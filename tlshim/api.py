@@ -12,6 +12,28 @@ import torch
 
 from .activation_cache import ActivationCache
 from .errors import unknown_hook_name
+from .hook_points import Hook, add_scoped, remove_all
+
+
+def default_filter(name):
+    """run_with_cache's default set: every name but hook_result (as TransformerLens without use_attn_result)."""
+    return not name.endswith(".hook_result")
+
+
+def _hook_pairs(pairs, arg):
+    """``pairs`` as a list of (name or filter, function), or a clear error for the usual mistakes."""
+    if isinstance(pairs, dict):
+        raise TypeError(f"{arg} takes a list of (name, fn) pairs, got a dict: pass list(your_dict.items())")
+    if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str) and callable(pairs[1]):
+        raise TypeError(f"{arg} takes a list of (name, fn) pairs, got one pair: pass [({pairs[0]!r}, fn)]")
+    try:
+        pairs = list(pairs)
+    except TypeError:
+        raise TypeError(f"{arg} takes a list of (name, fn) pairs, got {type(pairs).__name__}") from None
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"{arg} takes a list of (name, fn) pairs; one item is {type(pair).__name__} {pair!r:.80}")
+    return pairs
 
 
 def _stack(blocks, part, name):
@@ -35,6 +57,13 @@ def _stacked(part, name):
 
 
 class ModelAPI:
+    def __copy__(self):
+        raise TypeError(
+            "copy.copy of a model with tlshim installed would share its modules, hook points and tlshim's "
+            "journal with the original (uninstalling the copy would uninstall the original); use "
+            "copy.deepcopy(model) for an independent installed copy, or tlshim.uninstall(model) first"
+        )
+
     @property
     def hook_dict(self) -> dict:
         return self._tlshim.hook_dict
@@ -74,44 +103,62 @@ class ModelAPI:
             return [hook_dict[name_or_filter]]
         if callable(name_or_filter):
             return [point for name, point in hook_dict.items() if name_or_filter(name)]
-        return [point for name in name_or_filter for point in self._points(name)]
+        if isinstance(name_or_filter, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in name_or_filter):
+            return [point for name in name_or_filter for point in self._points(name)]
+        raise TypeError(
+            f"a hook name must be a name (str), a list of names or a filter function name -> bool, "
+            f"got {type(name_or_filter).__name__} {name_or_filter!r:.80}"
+        )
 
     def add_hook(self, name_or_filter, hook, dir="fwd", is_permanent=False, prepend=False):
         """Add ``hook(tensor, hook)`` to one name, a list of names, or every name a filter accepts.
 
+        Model-wide: it fires in every thread's forwards until ``reset_hooks`` (hooks given to
+        ``run_with_hooks``, ``run_with_cache`` and ``hooks()`` belong to the calling thread only).
+
         >>> model.add_hook("blocks.0.hook_resid_post", lambda t, hook: t * 0)
         """
         points = self._points(name_or_filter)
-        for point in points:
-            point.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
-        return [(point, hook, dir) for point in points]
+        for point in points:  # every point checks the hook before any is added
+            Hook(point, hook, dir)
+        added = []
+        try:
+            for point in points:
+                added.append(point.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend))
+        except BaseException:
+            remove_all(added)
+            raise
+        return added
 
     def reset_hooks(self, clear_contexts=True, direction="both", including_permanent=False):
-        for point in self._tlshim.hook_dict.values():
-            point.remove_hooks(direction, including_permanent=including_permanent)
-            if clear_contexts:
+        """Remove the model-wide hooks and the calling thread's own (permanent ones only if asked)."""
+        points = self._tlshim.hook_dict.values()
+        remove_all([hook for point in points for hook in point.registrations(direction) if including_permanent or not hook.permanent])
+        if clear_contexts:
+            for point in points:
                 point.clear_context()
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
-        """Hooks active inside a ``with`` block, for any forward or ``generate`` run in it.
+        """Hooks active inside a ``with`` block, for any forward or ``generate`` run in it by this
+        thread (or asyncio task); other threads' forwards on the same model do not see them.
 
         >>> with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", show)]):
         ...     model.generate(ids, max_new_tokens=5)
         """
-        added = []
+        entries = [(point, fn, dir) for dir, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks))
+                   for name, fn in _hook_pairs(pairs, f"{dir}_hooks") for point in self._points(name)]
+        added = add_scoped(entries)
         try:
-            for name, fn in fwd_hooks:
-                added += self.add_hook(name, fn, dir="fwd")
-            for name, fn in bwd_hooks:
-                added += self.add_hook(name, fn, dir="bwd")
             yield self
         finally:
             if reset_hooks_end:
-                for point, fn, dir in reversed(added):
-                    point.remove_hook(fn, dir)
+                try:
+                    remove_all(added)
+                finally:
                     if clear_contexts:
-                        point.clear_context()
+                        for point in {hook.point: None for hook in added}:
+                            point.clear_context()
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -148,14 +195,7 @@ class ModelAPI:
         >>> logits, cache = model.run_with_cache("a b c a b", names_filter=lambda n: "pattern" in n)
         >>> cache["pattern", 0].shape
         """
-        if names_filter is None:
-            names = [name for name in self._tlshim.hook_dict if not name.endswith(".hook_result")]
-        elif isinstance(names_filter, str):
-            names = [names_filter]
-        elif callable(names_filter):
-            names = [name for name in self._tlshim.hook_dict if names_filter(name)]
-        else:
-            names = list(names_filter)
+        names = [point.name for point in self._points(default_filter if names_filter is None else names_filter)]
         store: dict = {}
 
         def keep(key, keep_graph):

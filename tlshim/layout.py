@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+from .errors import UnsupportedModelError
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
 from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, RotarySite, Site, SplitSite
@@ -22,6 +23,7 @@ class Plan:
         self.entries: list = []
         self.swaps: list = []
         self._swapped: set = set()
+        self._paths: dict = {}  # id(module) -> the path its site was planned at
 
     def module(self, path):
         try:
@@ -36,7 +38,20 @@ class Plan:
         """The one site of the module at ``path``, made on first use (a spec that gives one module
         two incompatible roles is a spec error)."""
         if path not in self.sites:
-            site = self.sites[path] = cls(self.module(path), path, *args)
+            module = self.module(path)
+            first = self._paths.setdefault(id(module), path)
+            if first != path:
+                raise UnsupportedModelError(
+                    f"model.{path} is the same module object as model.{first} (one module at two places, "
+                    f"e.g. layers[1] = layers[0]); tlshim needs one module per place: give each place its "
+                    f"own copy (copy.deepcopy) before tlshim.install"
+                )
+            site = self.sites[path] = cls(module, path, *args)
+            layers = self.spec.layers
+            if path.startswith(layers + "."):
+                layer = ".".join(path.split(".")[: layers.count(".") + 2])
+                layer_site = site if layer == path else self.sites.get(layer)
+                site.checkpoint_owners = ((self.module(layer), layer_site), (self.module(layers.rpartition(".")[0]), None))
             parent, _, attr = path.rpartition(".")
             site.locate = functools.partial(getattr, self.module(parent), attr)
         if not isinstance(self.sites[path], cls):
@@ -46,7 +61,7 @@ class Plan:
     def point(self, name, owner, attr, *sites):
         point = HookPoint(name, sites)
         self.hook_dict[name] = point
-        self.entries.append(DictEntry(owner, attr, point, where=name.rsplit(".", 1)[0] or "model"))
+        self.entries.append(DictEntry(owner, attr, point, where=name.rpartition(".")[0] or "model"))
         return point
 
     def alias(self, owner, attr, target, where):
@@ -136,7 +151,7 @@ def _plan_layer(plan: Plan, i: int):
 
     mlp_out_site = plan.site(rel(spec.mlp_out), MlpOutSite, layer_site)
     ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
-    mid = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
+    mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
     ln2.in_points.append((mid, None))
     ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
     ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))

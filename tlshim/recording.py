@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from .api import default_filter
 from .install import hf_model
 
 _ATTN = ("hook_attn_scores", "hook_pattern")
@@ -107,15 +108,7 @@ def record_generation(model, names_filter=None, device=None):
     >>> rec["blocks.0.attn.hook_pattern"].shape  # (batch, n_heads, out.shape[1] - 1, out.shape[1] - 1)
     """
     model = hf_model(model)
-    hook_dict = model.hook_dict
-    if names_filter is None:  # run_with_cache's default set: hook_result only when named
-        names = [name for name in hook_dict if not name.endswith(".hook_result")]
-    elif isinstance(names_filter, str):
-        names = [names_filter]
-    elif callable(names_filter):
-        names = [name for name in hook_dict if names_filter(name)]
-    else:
-        names = list(names_filter)
+    names = [point.name for point in model._points(default_filter if names_filter is None else names_filter)]
     record = GenerationRecord(names)
 
     def save(tensor, hook):

@@ -7,12 +7,17 @@ there) and gives exactly that entry back when its last hook point goes idle.
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
+from . import checkpointing
 from ._wrapt import wrap_callable
 from .errors import ConflictError
 
 _MISSING = object()
+#: {LayerSite: _LayerCall} of the decoder-layer forwards of this thread / task that carry a resid_mid hook
+_LAYER_CALLS: contextvars.ContextVar = contextvars.ContextVar("tlshim_layer_calls", default={})
 
 
 def split_heads(tensor, n_heads):
@@ -66,6 +71,10 @@ class Site:
     def __repr__(self):
         return f"{type(self).__name__}({self.path!r}, users={self._users})"
 
+    #: inside a decoder layer: (that layer, its LayerSite) and (the module holding the layers, None), whose
+    #: checkpoint functions replay this thread's hooks when a checkpointed layer is recomputed (checkpointing.py)
+    checkpoint_owners = ()
+
     #: re-finds the module by path at each first acquire (set by the planner), so a module that
     #: peft swapped in (a LoRA layer around the original) is the one wrapped and its output is seen
     locate = None
@@ -81,17 +90,24 @@ class Site:
             self._saved = entries.get(self._slot, _MISSING)
             self._wrapper = wrap_callable(getattr(self.module, self._slot), self)
             entries[self._slot] = self._wrapper
+            for owner, layer_site in self.checkpoint_owners:
+                if checkpointing.ATTR in owner.__dict__:
+                    checkpointing.hold(owner, layer_site)
         self._users += 1
 
     def release(self):
         self._users -= 1
         if self._users == 0:
+            for owner, _ in self.checkpoint_owners:
+                if checkpointing.ATTR in owner.__dict__:
+                    checkpointing.let_go(owner)
             entries = self.module.__dict__
             # accelerate moves what it finds in forward to _old_forward when it adds its hook (and back
             # when it removes it): while a hook was live, the wrapper may sit in the other slot
             slot = next((name for name in (self._slot, "_old_forward", "forward") if entries.get(name) is self._wrapper), None)
             if slot is None:
                 found = entries.get(self._slot)
+                self._wrapper, self._saved = None, _MISSING
                 raise ConflictError(
                     f"{self.path}.{self._slot} was replaced by something else while tlshim had it wrapped "
                     f"(found {type(found).__name__} {getattr(found, '__qualname__', '')}); "
@@ -105,6 +121,22 @@ class Site:
             else:
                 entries[slot] = saved
             self._wrapper, self._saved = None, _MISSING
+
+    def copy_error(self):
+        return TypeError(
+            f"{self.path}.forward is wrapped by tlshim while a hook is active on it; deepcopy, pickle or "
+            "torch.save the model when no hook is active (outside run_with_hooks / run_with_cache / hooks(), "
+            "and after reset_hooks(including_permanent=True) for hooks added with add_hook)"
+        )
+
+    def conflict(self) -> str | None:
+        """While wrapped: a description of what replaced tlshim's wrapper, if something did."""
+        if not self.wrapped:
+            return None
+        entries = self.module.__dict__
+        if any(entries.get(name) is self._wrapper for name in (self._slot, "_old_forward", "forward")):
+            return None
+        return f"{self.path}.{self._slot} (tlshim's hook wrapper, now {type(entries.get(self._slot)).__name__})"
 
     @property
     def wrapped(self) -> bool:
@@ -172,26 +204,41 @@ class RotarySite(Site):
         return query, key
 
 
+class _LayerCall:
+    __slots__ = ("mid", "mlp_out")
+
+    def __init__(self):
+        self.mid = self.mlp_out = None
+
+
 class LayerSite(Site):
     """A decoder layer: resid_pre on its input, resid_post on its output.
 
     An edit of resid_mid (fired at the pre-MLP norm's input) must also reach the residual branch the
     layer adds the MLP output to; the layer's output is then rebuilt as ``edited_mid + mlp_out``,
-    the very addition the layer does, so the result is what the model would have computed.
+    the very addition the layer does, so the result is what the model would have computed. Those two
+    values belong to one call of the layer (a context variable), never to the shared site.
     """
 
-    def __init__(self, module, path):
-        super().__init__(module, path)
-        self.mid_override = None
-        self.mlp_out_value = None
+    mid_point = None
 
     def call(self, wrapped, args, kwargs):
-        self.mid_override = self.mlp_out_value = None
-        out = wrapped(*args, **kwargs)
-        if self.mid_override is not None:
-            out = with_first_output(out, self.mid_override + self.mlp_out_value)
-            self.mid_override = self.mlp_out_value = None
+        calls = _LAYER_CALLS.get()
+        active = self.mid_point is not None and self.mid_point.active
+        if not active and self not in calls:
+            return wrapped(*args, **kwargs)
+        call = _LayerCall() if active else None  # None: a nested forward of this layer (run by a hook) has none
+        token = _LAYER_CALLS.set({**calls, self: call})
+        try:
+            out = wrapped(*args, **kwargs)
+        finally:
+            _LAYER_CALLS.reset(token)
+        if call is not None and call.mid is not None and call.mlp_out is not None:
+            out = with_first_output(out, call.mid + call.mlp_out)
         return out
+
+    def current_call(self):
+        return _LAYER_CALLS.get().get(self)
 
 
 class MlpOutSite(Site):
@@ -203,8 +250,9 @@ class MlpOutSite(Site):
 
     def on_output(self, y):
         y = fire_points(self.out_points, y)
-        if self.layer_site.mid_override is not None:
-            self.layer_site.mlp_out_value = y
+        call = self.layer_site.current_call()
+        if call is not None and call.mid is not None:
+            call.mlp_out = y
         return y
 
 
@@ -226,7 +274,9 @@ class NormSite(Site):
     def on_input(self, x):
         edited = fire_points(self.in_points, x)
         if self.layer_site is not None and edited is not x:
-            self.layer_site.mid_override = edited
+            call = self.layer_site.current_call()
+            if call is not None:
+                call.mid = edited
         return edited
 
     def on_output(self, y):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,13 +45,27 @@ class TLConfig:
     use_attn_scale: bool = True
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self):
+        # held weakly: the config lives on the model, and a cycle would keep the model alive past ``del``
+        if self._model_ref is not None and not isinstance(self._model_ref, weakref.ref):
+            self._model_ref = weakref.ref(self._model_ref)
+
+    def __getstate__(self):
+        state = dict(vars(self))
+        state["_model_ref"] = self._model_ref() if self._model_ref is not None else None
+        return state
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self.__post_init__()
+
     @property
     def device(self):
-        return next(self._model_ref.parameters()).device
+        return next(self._model_ref().parameters()).device
 
     @property
     def dtype(self):
-        return next(self._model_ref.parameters()).dtype
+        return next(self._model_ref().parameters()).dtype
 
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
