@@ -4,9 +4,10 @@ What the names of modules say is only a first guess (the tables below are data);
 then checked on one short probing forward that stops after the first block: which norm reads the
 block input, which feeds the MLP, which one follows attention or the MLP (a post-norm), whether
 the residual adds up, what the norm computes (RMS, Gemma's (1 + w), LayerNorm) and whether the
-embedding output enters the first block as it is or scaled. A model whose first block does not
-match a sequential pre-norm block with separate q/k/v/o projections raises UnsupportedModelError
-naming the part that did not fit. ``tlshim.verify`` then checks every hook on a whole forward.
+embedding output enters the first block as it is or scaled. A model whose blocks are not all
+sequential pre-norm blocks with q/k/v/o projections (separate, or fused with all q heads, then k,
+then v) and a dense MLP raises UnsupportedModelError naming the part that did not fit.
+``tlshim.verify`` then checks every hook on a whole forward.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
-NORM_KINDS = (("RMS", norms.RMS), ("(1 + w) RMS", norms.OFFSET_RMS), ("LayerNorm", norms.LAYER))
+#: the norm kinds a probed norm is matched against, in order
+NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER)
 
 
 class _ProbeDone(Exception):
@@ -396,20 +398,18 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
 
 
 def _norm_kind(module, flow, name):
+    """The norm kind whose formula gives what ``module`` gave on the probe (float tolerance: the model
+    may order its float32 casts differently)."""
     x, out = flow.inputs[name], flow.outputs[name]
-    best = None
-    for label, kind in NORM_KINDS:
+    for kind in NORM_KINDS:
         try:
             centered, var_eps = kind.statistics(module, x)
             candidate = kind.weigh(module, kind.normalize(centered, var_eps), x.dtype)
         except (TypeError, RuntimeError, AttributeError):  # e.g. a norm without weight for a kind that needs one
             continue
         if candidate.shape == out.shape and torch.allclose(candidate, out, rtol=1e-4, atol=1e-5):
-            best = kind
-            break
-    if best is None:
-        raise UnsupportedModelError(f"the norm {name} ({type(module).__name__}) computes neither RMSNorm, (1 + w) RMSNorm nor LayerNorm")
-    return best
+            return kind
+    raise UnsupportedModelError(f"the norm {name} ({type(module).__name__}) computes neither RMSNorm, (1 + w) RMSNorm nor LayerNorm")
 
 
 def _embedding_scaled(flow) -> bool:
