@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import pathlib
 import re
 import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: see tests/sweep.py
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

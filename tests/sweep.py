@@ -9,9 +9,13 @@ the vector after the attention sub-layer by hand; uninstall gives back the exact
 
 from __future__ import annotations
 
+import os
+
+# before torch starts an OpenMP pool: a forked child of a process whose pool has run can hang
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import importlib
 import json
-import os
 import resource
 import signal
 import sys

@@ -6,7 +6,10 @@ structural path cannot regress silently, and the whole sweep reaches the table's
 """
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import transformers
@@ -15,7 +18,17 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from tlshim import registry
 
-from sweep import VERIFIED, sweep
+from sweep import VERIFIED
+
+SWEEP = pathlib.Path(__file__).with_name("sweep.py")
+
+
+def sweep(model_types=None) -> dict:
+    """tests/sweep.py in a fresh process with one OpenMP thread: forking a process whose OpenMP pool
+    has run (as pytest's may have) can hang the children."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(SWEEP), *(model_types or ())], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 VERSION = Version(transformers.__version__)
 TABLE = json.loads((pathlib.Path(registry.__file__).parent / "sweep.json").read_text())
