@@ -44,7 +44,6 @@ def main(argv=None) -> int:
     if args.write:
         key = f"{version.major}.{version.minor}"
         table = json.loads(TABLE.read_text()) if TABLE.exists() else {}
-        table.setdefault("verified", {})[key] = sorted(t for t, r in results.items() if r["status"] == VERIFIED)
         table.setdefault("results", {})[key] = results
         TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         text = README.read_text()
