@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -296,12 +297,12 @@ def test_v4_from_pretrained_equals_in_memory(openelm_dir, reference, input_ids):
     try:
         out = model.generate(input_ids[:, :5], max_new_tokens=3, do_sample=False)
     except AttributeError as err:
-        # >= 4.56 generate() builds DynamicCache(config=...), which reads the absent
-        # config.num_hidden_layers (OPENELM.md P9); given a Cache object, the real file reads
-        # cache.seen_tokens and get_max_length(), gone there too. tlshim.finish_loading fixes both.
-        assert "num_hidden_layers" in str(err)
-        with pytest.raises(AttributeError, match="seen_tokens|get_max_length"):
-            model.generate(input_ids[:, :5], max_new_tokens=3, do_sample=False, past_key_values=DynamicCache())
+        # The real file's generate fails on later v4 releases: >= 4.56 generate() builds
+        # DynamicCache(config=...), which reads the absent config.num_hidden_layers (OPENELM.md P9),
+        # and the cache it hands prepare_inputs_for_generation lacks get_max_length() from 4.49 and
+        # seen_tokens from 4.54. tlshim.finish_loading fixes them.
+        assert re.search("num_hidden_layers|get_max_length|seen_tokens", str(err)), err
+        assert TF >= Version("4.49.0")
         import tlshim
 
         tlshim.finish_loading(model)
