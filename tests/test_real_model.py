@@ -187,3 +187,25 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     shutil.copy(page, bare / "index.html")
     chromium("--window-size=1200,4000", f"--screenshot={tmp_path / 'bare.png'}", (bare / "index.html").as_uri())
     assert colored_fraction(tmp_path / "report.png") > 0.05 and colored_fraction(tmp_path / "bare.png") < 0.005  # measured 0.068, 0.0000
+
+
+def test_harvest_of_real_text_reads_back_as_run_with_cache(real, tmp_path):
+    """tlshim.harvest on the real model: English text packed into contexts of 32 tokens (BOS first),
+    a residual and an MLP name, read back equal to run_with_cache on the same contexts bit for bit."""
+    from tlshim.harvest_data import build_contexts
+
+    from test_harvest import assert_equal_to_run_with_cache
+
+    model, tokenizer = real
+    texts = [
+        "The capital of France is Paris, and the capital of Italy is Rome.",
+        "When Mary and John went to the store, John gave a drink to Mary.",
+        "Interpretability asks which parts of a network compute which features, and why.",
+        "A transformer adds each attention layer's output to the residual stream.",
+    ] * 3
+    names = ["blocks.10.hook_resid_post", "blocks.20.mlp.hook_post"]
+    manifest = tlshim.harvest(model, texts, names, tmp_path, tokenizer=tokenizer, context_size=32, batch_size=2, shard_rows=96, progress=False)
+    contexts = list(build_contexts(texts, tokenizer, 32).tokens.view(-1, 32))
+    h = assert_equal_to_run_with_cache(model, tmp_path, contexts)
+    assert manifest["contexts"] == len(contexts) >= 4 and len(h) == 32 * len(contexts)
+    assert manifest["shapes"]["blocks.20.mlp.hook_post"] == [model.cfg.d_mlp]
