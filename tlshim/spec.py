@@ -37,6 +37,28 @@ def mlp_linear_params(spec, mlp, role):
     return proj.weight, proj.bias
 
 
+def fused_qkv_params(spec, attn, role):
+    """(weight, bias) of q, k or v: rows of one fused projection holding all q heads, then the k heads,
+    then the v heads (Phi-3, OpenELM), split by the spec's head counts; o as it is."""
+    weight, bias = linear_params(spec, attn, role)
+    if role == "o":
+        return weight, bias
+    n_heads, n_kv, d_head = spec.head_counts(attn, getattr(attn, "config", None))
+    start = {"q": 0, "k": n_heads, "v": n_heads + n_kv}[role] * d_head
+    rows = slice(start, start + (n_heads if role == "q" else n_kv) * d_head)
+    return weight[rows], None if bias is None else bias[rows]
+
+
+def fused_gate_up_params(spec, mlp, role):
+    """(weight, bias) of gate or up: the first or second half of one fused projection; down as it is."""
+    weight, bias = mlp_linear_params(spec, mlp, role)
+    if role == "down":
+        return weight, bias
+    half = weight.shape[0] // 2
+    rows = slice(0, half) if role == "gate" else slice(half, None)
+    return weight[rows], None if bias is None else bias[rows]
+
+
 def llama_family_cfg(model):
     """TransformerLens config fields of a Llama-family model (Mistral, Qwen2, Qwen3 read the same names)."""
     config = model.config

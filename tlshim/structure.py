@@ -21,7 +21,7 @@ from torch import nn
 
 from . import norms
 from .errors import UnsupportedModelError
-from .spec import ArchSpec, get_path, linear_params, mlp_linear_params
+from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
@@ -125,27 +125,6 @@ def structural_head_counts(attn, config):
     fused = getattr(attn, _names(attn, FUSED_QKV, None, None)[0]).out_features // d_head
     n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads")
     return n_heads, (fused - n_heads) // 2, d_head
-
-
-def fused_qkv_params(spec, attn, role):
-    """(weight, bias) of the q, k or v rows of a fused projection (all q heads, then k, then v), or of o."""
-    if role == "o":
-        return linear_params(spec, attn, "o")
-    n_heads, n_kv, d_head = structural_head_counts(attn, attn.config)
-    start = {"q": 0, "k": n_heads, "v": n_heads + n_kv}[role] * d_head
-    rows = slice(start, start + (n_heads if role == "q" else n_kv) * d_head)
-    weight, bias = linear_params(spec, attn, "q")
-    return weight[rows], None if bias is None else bias[rows]
-
-
-def fused_gate_up_params(spec, mlp, role):
-    """(weight, bias) of the gate or up half of a fused gate/up projection, or of down."""
-    weight, bias = mlp_linear_params(spec, mlp, role if role == "down" else "up")
-    if role == "down":
-        return weight, bias
-    half = weight.shape[0] // 2
-    rows = slice(0, half) if role == "gate" else slice(half, None)
-    return weight[rows], None if bias is None else bias[rows]
 
 
 def _head_dim(attn, config):

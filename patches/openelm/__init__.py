@@ -26,25 +26,6 @@ def head_counts(attn, config):
     return attn.num_q_heads, attn.num_k_heads, attn.head_dim
 
 
-def qkv_params(spec, attn, role):
-    if role == "o":
-        return attn.out_proj.weight, attn.out_proj.bias
-    n_q, n_kv, d_head = head_counts(attn, None)
-    start = {"q": 0, "k": n_q, "v": n_q + n_kv}[role] * d_head
-    stop = start + (n_q if role == "q" else n_kv) * d_head
-    weight, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
-    return weight[start:stop], None if bias is None else bias[start:stop]
-
-
-def ffn_params(spec, mlp, role):
-    if role == "down":
-        return mlp.proj_2.weight, mlp.proj_2.bias
-    weight, bias = mlp.proj_1.weight, mlp.proj_1.bias
-    half = weight.shape[0] // 2
-    rows = slice(0, half) if role == "gate" else slice(half, None)
-    return weight[rows], None if bias is None else bias[rows]
-
-
 def openelm_cfg(model):
     config = model.config
     layers = get_path(model, "transformer.layers")

@@ -3,9 +3,9 @@ the transformers version; the v5 load-time fixes live in tlshim.loading)."""
 
 from tlshim.attention import SdpaCallSite
 from tlshim.sites import HeadsFirstSite
-from tlshim.spec import ArchSpec
+from tlshim.spec import ArchSpec, fused_gate_up_params, fused_qkv_params
 
-from . import ffn_params, head_counts, openelm_cfg, qkv_params, repair_loaded_buffers
+from . import head_counts, openelm_cfg, repair_loaded_buffers
 
 SPEC = ArchSpec(
     versions=">=4.48,<6",
@@ -32,8 +32,8 @@ SPEC = ArchSpec(
     up_proj="proj_1",
     down_proj="proj_2",
     head_counts=head_counts,
-    linear_params=qkv_params,
-    mlp_params=ffn_params,
+    linear_params=fused_qkv_params,
+    mlp_params=fused_gate_up_params,
     tl_config=openelm_cfg,
     prepare=(repair_loaded_buffers,),
 )
