@@ -42,8 +42,12 @@ def test_every_type_with_a_spec_passes_the_sweep():
     assert {r["how"] for r in results.values()} == {"spec"}
 
 
-@pytest.mark.skipif(RESULTS is None, reason=f"tlshim/sweep.json has no sweep of transformers {VERSION.major}.{VERSION.minor}")
 def test_the_whole_sweep_keeps_every_verified_type():
+    if RESULTS is None:
+        # no sweep of this transformers version is shipped: no type counts as verified here, so every
+        # type without a spec installs with the warning (the sweep itself runs on the version it covers)
+        assert registry.verified_types() == frozenset()
+        return
     results = sweep()
     lost = sorted(t for t, r in RESULTS.items() if r["status"] == VERIFIED and results[t]["status"] != VERIFIED)
     assert lost == [], {t: results[t] for t in lost}
