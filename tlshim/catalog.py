@@ -29,7 +29,7 @@ BLOCK_NAMES = (
 
 def expected_names(spec, n_layers: int) -> set:
     """Every catalog name that applies to a model of ``spec`` with ``n_layers`` blocks."""
-    block = list(BLOCK_NAMES)
+    block = [n for n in BLOCK_NAMES if spec.ln1 or not n.startswith(("ln1.", "ln2."))]  # none in post-norm-only blocks
     if spec.gate_proj:
         block.append("mlp.hook_pre_linear")
     if spec.q_norm:

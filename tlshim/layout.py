@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 from .errors import UnsupportedModelError
+from .family_post import MidInputSite
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
 from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, RotarySite, Site, SplitSite
@@ -121,9 +122,9 @@ def _plan_layer(plan: Plan, i: int):
 
     layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
 
-    ln1 = plan.site(rel(spec.ln1), NormSite, spec.norm, None)
-    ln1.scale_point = plan.point(f"{block}.ln1.hook_scale", ln1.module, "hook_scale", ln1)
-    ln1.out_points.append((plan.point(f"{block}.ln1.hook_normalized", ln1.module, "hook_normalized", ln1), None))
+    aliases = {"attn": attn, "mlp": mlp}
+    if spec.ln1:
+        aliases["ln1"] = _plan_norm(plan, rel(spec.ln1), f"{block}.ln1").module
 
     qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
     _plan_projections(plan, qkv, base, block, attn, "attn")
@@ -132,7 +133,8 @@ def _plan_layer(plan: Plan, i: int):
         if norm_path:
             site = plan.site(rel(f"{spec.attn}.{norm_path}"), spec.qk_norm_site)
             point = plan.point(f"{block}.attn.hook_{role}_normed", attn, f"hook_{role}_normed", site)
-            site.out_points.append((point, None))  # the per-head norm already sees the heads axis
+            # a per-head norm already sees the heads axis; a whole-vector one (OLMo2) is split here
+            site.out_points.append((point, (n_heads if role == "q" else n_kv) if spec.qk_norm_whole else None))
 
     attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
@@ -150,11 +152,15 @@ def _plan_layer(plan: Plan, i: int):
     attn_out_site.out_points.append((plan.point(f"{block}.hook_attn_out", layer, "hook_attn_out", attn_out_site), None))
 
     mlp_out_site = plan.site(rel(spec.mlp_out), MlpOutSite, layer_site)
-    ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
-    mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
-    ln2.in_points.append((mid, None))
-    ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
-    ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
+    # resid_mid fires at the pre-MLP norm's input, or at the MLP's own in a post-norm-only block
+    if spec.ln2:
+        mid_site = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
+    else:
+        mid_site = plan.site(rel(spec.mlp), MidInputSite, layer_site)
+    mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", mid_site, layer_site, mlp_out_site)
+    mid_site.in_points.append((mid, None))
+    if spec.ln2:
+        aliases["ln2"] = _plan_norm(plan, rel(spec.ln2), f"{block}.ln2", layer_site).module
 
     mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
     mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
@@ -165,7 +171,6 @@ def _plan_layer(plan: Plan, i: int):
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
     layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
-    aliases = {"attn": attn, "mlp": mlp, "ln1": ln1.module, "ln2": ln2.module}
     for name in ("ln1_post", "ln2_post"):
         if getattr(spec, name):
             aliases[name] = plan.module(rel(getattr(spec, name)))
@@ -175,6 +180,14 @@ def _plan_layer(plan: Plan, i: int):
             plan.swap(target, NormWeights, f"{block}.{name}")
     plan.swap(attn, AttnWeights, f"{block}.attn")
     plan.swap(mlp, MlpWeights, f"{block}.mlp")
+
+
+def _plan_norm(plan, path, name, layer_site=None):
+    """A pre-norm's site with its hook_scale and hook_normalized."""
+    site = plan.site(path, NormSite, plan.spec.norm, None, layer_site)
+    site.scale_point = plan.point(f"{name}.hook_scale", site.module, "hook_scale", site)
+    site.out_points.append((plan.point(f"{name}.hook_normalized", site.module, "hook_normalized", site), None))
+    return site
 
 
 def _plan_projections(plan, points, base, block, owner, prefix):

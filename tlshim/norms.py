@@ -89,3 +89,5 @@ RMS = Norm("RMS", False, _rms_weigh, _weight)
 OFFSET_RMS = Norm("RMS", False, _offset_rms_weigh, _offset_weight)
 #: A LayerNorm without parameters (OLMo v1), or with them.
 LAYER = Norm("LN", True, _layer_weigh, _no_weight)
+#: An RMSNorm without a weight (NanoChat, HRM-Text): its output is hook_normalized.
+BARE_RMS = Norm("RMS", False, _layer_weigh, _no_weight)

@@ -256,6 +256,16 @@ class MlpOutSite(Site):
         return y
 
 
+def fire_mid(points, layer_site, x):
+    """Fire ``points`` on x; an edited value is handed to the layer's call as its new resid_mid."""
+    edited = fire_points(points, x)
+    if layer_site is not None and edited is not x:
+        call = layer_site.current_call()
+        if call is not None:
+            call.mid = edited
+    return edited
+
+
 class NormSite(Site):
     """A norm: hook_scale (the divisor it applies) and hook_normalized (its input before the weight).
 
@@ -272,12 +282,7 @@ class NormSite(Site):
         self.layer_site = layer_site
 
     def on_input(self, x):
-        edited = fire_points(self.in_points, x)
-        if self.layer_site is not None and edited is not x:
-            call = self.layer_site.current_call()
-            if call is not None:
-                call.mid = edited
-        return edited
+        return fire_mid(self.in_points, self.layer_site, x)
 
     def on_output(self, y):
         return y if self.norm.has_weight(self.module) else fire_points(self.out_points, y)

@@ -99,8 +99,9 @@ class ArchSpec:
     unembed: str = "lm_head"
     attn: str = "self_attn"
     mlp: str = "mlp"
-    ln1: str = "input_layernorm"
-    ln2: str = "post_attention_layernorm"
+    #: the pre-norms; both None in a post-norm-only block (OLMo2), whose attention and MLP read the residual
+    ln1: str | None = "input_layernorm"
+    ln2: str | None = "post_attention_layernorm"
     ln1_post: str | None = None
     ln2_post: str | None = None
     attn_out: str = "self_attn"
@@ -111,6 +112,8 @@ class ArchSpec:
     o_proj: str = "o_proj"
     q_norm: str | None = None
     k_norm: str | None = None
+    #: q/k norms over the whole projection before the head split (OLMo2), not per head
+    qk_norm_whole: bool = False
     gate_proj: str | None = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"

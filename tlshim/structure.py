@@ -21,6 +21,7 @@ from torch import nn
 
 from . import norms
 from .errors import UnsupportedModelError
+from .sites import HeadsFirstSite, Site
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
@@ -39,7 +40,7 @@ PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 #: the norm kinds a probed norm is matched against, in order
-NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER)
+NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER, norms.BARE_RMS)
 
 
 class _ProbeDone(Exception):
@@ -55,13 +56,14 @@ def derive_spec(model) -> ArchSpec:
     attn, mlp = getattr(layer, attn_name), getattr(layer, mlp_name)
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
     gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
-    qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
+    qk_norm = next((pair for pair in QK_NORMS if all(_looks_like_norm(getattr(attn, n, None)) for n in pair)), (None, None))
     _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
-    flow = _probe(model, layer)
-    roles = _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
-    norm_kind = _norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
+    flow = _probe(model, layer, {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
+    roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
+    first_norm = roles["ln1"] or roles["ln1_post"]
+    norm_kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
     for role in ("ln2", "ln1_post", "ln2_post"):
         if roles.get(role) and _norm_kind(getattr(layer, roles[role]), flow, roles[role]) is not norm_kind:
             raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
@@ -71,7 +73,7 @@ def derive_spec(model) -> ArchSpec:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
     final_path = _final_norm(model, layers_path, norm_kind)
     d_mlp = getattr(mlp, up).out_features // (2 if gate == up else 1)
-    sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, roles["ln1"]), norm_kind)
+    sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     return ArchSpec(
         versions="",
@@ -94,6 +96,8 @@ def derive_spec(model) -> ArchSpec:
         o_proj=o,
         q_norm=qk_norm[0],
         k_norm=qk_norm[1],
+        qk_norm_whole=_qk_norm_whole(flow, sizes["d_head"]),
+        qk_norm_site=HeadsFirstSite if _qk_norm_heads_first(flow, sizes["n_heads"]) else Site,
         gate_proj=gate,
         up_proj=up,
         down_proj=down,
@@ -109,6 +113,7 @@ def derive_spec(model) -> ArchSpec:
 def describe(spec) -> str:
     """One line of what the structural path inferred, for the install warning."""
     post = f", post-norms {spec.ln1_post} / {spec.ln2_post}" if spec.ln1_post else ""
+    post += "" if spec.ln1 else " only"
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
     return (
         f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
@@ -303,7 +308,8 @@ class _Flow:
         self.embedding = None
 
 
-def _probe(model, layer) -> _Flow:
+def _probe(model, layer, extra) -> _Flow:
+    """``extra``: more {name: module} of the first block whose first input and output are recorded."""
     flow = _Flow()
     handles = []
 
@@ -320,7 +326,7 @@ def _probe(model, layer) -> _Flow:
     def embedding_hook(module, args, output):
         flow.embedding = output
 
-    for name, child in [("", layer), *layer.named_children()]:
+    for name, child in [("", layer), *layer.named_children(), *extra.items()]:
         handles.append(child.register_forward_hook(record(name), with_kwargs=True))
     handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
     vocab = model.get_input_embeddings().num_embeddings
@@ -374,6 +380,36 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
             "(a multiplier or another sum order)"
         )
     return roles
+
+
+def _post_norm_roles(layer, flow, attn_name, mlp_name):
+    """The roles of a post-norm-only block (OLMo2): attention reads the block input itself, a norm of
+    its output is added to the residual, the MLP reads that sum and a norm of its output is added
+    again. None where the attention does not read the block input."""
+    x = flow.inputs[""]
+    if not _same(flow.inputs[attn_name], x):
+        return None
+    norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
+    ln1_post = next((n for n in norms_seen if _same(flow.inputs[n], flow.outputs[attn_name])), None)
+    ln2_post = next((n for n in norms_seen if _same(flow.inputs[n], flow.outputs[mlp_name])), None)
+    mid = flow.inputs[mlp_name]
+    if ln1_post and ln2_post and _same(mid, x + flow.outputs[ln1_post]) and _same(flow.outputs[""], mid + flow.outputs[ln2_post]):
+        return {"ln1": None, "ln2": None, "ln1_post": ln1_post, "ln2_post": ln2_post}
+    raise UnsupportedModelError(
+        f"{type(layer).__name__}: attention reads the block input with no norm before it, but the block is not "
+        "x + post_norm(attention(x)), then + post_norm(mlp(...)) (the post-norm-only layout of OLMo2)"
+    )
+
+
+def _qk_norm_whole(flow, d_head) -> bool:
+    """Whether the q norm spans the whole projection before the head split (OLMo2), not one head."""
+    return "q_norm" in flow.inputs and flow.inputs["q_norm"].shape[-1] != d_head
+
+
+def _qk_norm_heads_first(flow, n_heads) -> bool:
+    """Whether a per-head q norm sees (batch, heads, pos, d_head) (EXAONE 4), not (batch, pos, heads, d_head)."""
+    x = flow.inputs.get("q_norm")
+    return x is not None and x.dim() == 4 and x.shape[1] == n_heads and x.shape[2] != n_heads
 
 
 def _norm_kind(module, flow, name):
