@@ -39,6 +39,15 @@ PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+#: modules or parameters of the attention module, then of the MLP, that change what their hooks would
+#: hold, so the structural path refuses them (name: what it is); a family that serves one drops it here
+UNSERVED_ATTENTION = {
+    "sinks": "attention sinks (a learned logit per head in the softmax, gpt-oss style)",
+    "attn_sub_norm": "a norm between the attention kernel and o_proj (BitNet), so hook_z is not pattern @ v",
+    "lambda_q1": "differential attention (two softmax maps subtracted, then a group norm: DiffLlama)",
+    "gate_proj": "an output gate on the attention output before o_proj, so hook_z is not pattern @ v",
+}
+UNSERVED_MLP = {"ffn_sub_norm": "a norm between the MLP activation and down_proj (BitNet), so hook_post is not what down_proj reads"}
 #: the norm kinds a probed norm is matched against, in order
 NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER, norms.BARE_RMS)
 
@@ -58,6 +67,8 @@ def derive_spec(model) -> ArchSpec:
     gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
     qk_norm = next((pair for pair in QK_NORMS if all(_looks_like_norm(getattr(attn, n, None)) for n in pair)), (None, None))
     _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
+    _refuse_unserved(attn, UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
+    _refuse_unserved(mlp, UNSERVED_MLP, f"{layers_path}.0.{mlp_name}")
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
     flow = _probe(model, layer, {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
@@ -168,6 +179,12 @@ def _decoder_layers(model):
                 best = (name, module)
     if best is None:
         raise UnsupportedModelError(f"no list of decoder layers (an nn.ModuleList of blocks) found in {type(model).__name__}")
+    stacks = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) and type(module[0]) is type(best[1][0])]
+    if len(stacks) > 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has its blocks in more than one stack ({', '.join(stacks)}): a hierarchical or "
+            "recurrent model whose blocks run more than once per forward has no blocks.{i} numbering"
+        )
     return best
 
 
@@ -246,6 +263,12 @@ def _uses_attention_registry(attn, where):
             f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
             "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
         )
+
+
+def _refuse_unserved(module, table, where):
+    found = [part for part in table if part in module._modules or part in module._parameters]
+    if found:
+        raise UnsupportedModelError(f"{type(module).__name__} at {where} has {table[found[0]]}")
 
 
 def _parameters(function) -> tuple:
