@@ -51,7 +51,9 @@ def test_post_norm_blocks_have_no_pre_norm_hooks_and_their_attn_out_is_after_the
         assert torch.equal(cache["blocks.1.hook_mlp_out"], layer.post_feedforward_layernorm(layer.mlp(cache["blocks.1.hook_resid_mid"])))
     assert torch.equal(cache["blocks.1.hook_resid_mid"], cache["blocks.1.hook_resid_pre"] + cache["blocks.1.hook_attn_out"])
     assert torch.equal(cache["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"])
-    assert tlshim.verify(model, tokens()).ok
+    report = tlshim.verify(model, tokens())
+    assert report.ok, str(report)
+    assert {f.name for f in report.findings if f.check.startswith("= the k norm of hook_k")} == {"blocks.0.attn.hook_k_normed", "blocks.1.attn.hook_k_normed"}
 
 
 @pytest.mark.parametrize("model_type", POST_NORM)

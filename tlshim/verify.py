@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .spec import get_path
+
 BIT = "bit for bit"
 
 
@@ -114,6 +116,7 @@ def _verify(model, input_ids):
         z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
         same(f"{b}.attn.hook_z", "= pattern @ v", cache[f"{b}.attn.hook_z"], z, exact=False)
         attn = block.attn
+        _check_qk_norms(same, cache, b, attn, model._tlshim.spec)
         o_out = F.linear(cache[f"{b}.attn.hook_z"].flatten(-2), attn.W_O.flatten(0, 1).T, attn.b_O)
         post = getattr(block, "ln1_post", None)
         with torch.no_grad():
@@ -125,6 +128,19 @@ def _verify(model, input_ids):
     cap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
     same("logits", "= ln_final(last hook_resid_post) @ W_U + b_U", logits, torch.tanh(unembedded / cap) * cap if cap > 0 else unembedded, exact=False)
     return report
+
+
+def _check_qk_norms(same, cache, b, attn, spec):
+    """hook_q_normed / hook_k_normed are the q / k norm of hook_q / hook_k: per head, or over the whole
+    projection before the head split (OLMo2)."""
+    for role in ("q", "k"):
+        name, path = f"{b}.attn.hook_{role}_normed", getattr(spec, f"{role}_norm")
+        if name not in cache or not path:
+            continue
+        x, norm = cache[f"{b}.attn.hook_{role}"], get_path(attn, path)
+        with torch.no_grad():
+            want = norm(x.flatten(-2)).view_as(x) if spec.qk_norm_whole else norm(x)
+        same(name, f"= the {role} norm of hook_{role}", cache[name], want, exact=False)
 
 
 def _at(value, i):
