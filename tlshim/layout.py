@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+from . import family_parallel as parallel
 from .errors import UnsupportedModelError
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
@@ -149,12 +150,15 @@ def _plan_layer(plan: Plan, i: int):
     attn_out_site = plan.site(rel(spec.attn_out))
     attn_out_site.out_points.append((plan.point(f"{block}.hook_attn_out", layer, "hook_attn_out", attn_out_site), None))
 
-    mlp_out_site = plan.site(rel(spec.mlp_out), MlpOutSite, layer_site)
-    ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
-    mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
-    ln2.in_points.append((mid, None))
-    ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
-    ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
+    mlp_out_site = plan.site(rel(spec.mlp_out), parallel.CopyOutSite if spec.parallel else MlpOutSite, layer_site)
+    if spec.parallel:
+        ln2 = parallel.plan_ln2(plan, spec, ln1, rel, block)
+    else:
+        ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
+        mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", ln2, layer_site, mlp_out_site)
+        ln2.in_points.append((mid, None))
+        ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
+        ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
 
     mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
     mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
@@ -189,6 +193,9 @@ def _plan_projections(plan, points, base, block, owner, prefix):
             own_site = prefix == "attn" and spec.qkv_site
             site = plan.site(path, spec.qkv_site, plan.model.config) if own_site else plan.site(path)
             site.out_points.append((plan.point(f"{block}.{prefix}.{attr}", owner, attr, site), n_heads))
+            continue
+        if prefix == "attn" and plan.spec.qkv_grouped:
+            parallel.plan_grouped_qkv(plan, path, entries, block, owner)
             continue
         site = plan.site(path, SplitSite)
         width, units = plan.module(path).out_features, sum(n or 1 for _, n in entries)

@@ -19,6 +19,7 @@ import inspect
 import torch
 from torch import nn
 
+from . import family_parallel as parallel
 from . import norms
 from .errors import UnsupportedModelError
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
@@ -27,14 +28,18 @@ from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, li
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 MLP = ("mlp", "feed_forward", "ffn")
 #: (q, k, v, o) projection names inside the attention module
-PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"))
+PROJECTIONS = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"),
+    ("q_proj", "k_proj", "v_proj", "dense"),
+)
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
-FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"))
+#: (GPT-NeoX's and Falcon's query_key_value is grouped per key/value head: family_parallel.GROUPED_QKV)
+FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("query_key_value", "dense"))
 #: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
 FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
+PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -73,6 +78,8 @@ def derive_spec(model) -> ArchSpec:
     d_mlp = getattr(mlp, up).out_features // (2 if gate == up else 1)
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, roles["ln1"]), norm_kind)
     sizes["gated_mlp"] = gate is not None
+    sizes["parallel_attn_mlp"] = roles.get("parallel", False)
+    grouped = q == k and q in parallel.GROUPED_QKV
     return ArchSpec(
         versions="",
         layers=layers_path,
@@ -99,7 +106,9 @@ def derive_spec(model) -> ArchSpec:
         down_proj=down,
         norm=norm_kind,
         head_counts=structural_head_counts,
-        linear_params=fused_qkv_params if q == k else linear_params,
+        parallel=roles.get("parallel", False),
+        qkv_grouped=grouped,
+        linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
@@ -146,6 +155,8 @@ def _structural_cfg(found, model):
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
+        rotary_dim=parallel.rotary_dim(config, found["d_head"]),
+        logit_scale=getattr(config, "logit_scale", None) or 1.0,
         attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
         output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or -1.0,
     )
@@ -311,7 +322,8 @@ def _probe(model, layer) -> _Flow:
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("hidden_states")
             flow.inputs.setdefault(name, x)
-            flow.outputs.setdefault(name, output[0] if isinstance(output, tuple) else output)
+            out = output[0] if isinstance(output, tuple) else output
+            flow.outputs.setdefault(name, out.clone() if isinstance(out, torch.Tensor) else out)  # Falcon adds in place
             if name == "":
                 raise _ProbeDone
 
@@ -345,6 +357,10 @@ def _same(a, b) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
+def _close(a, b) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
 def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
     norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
     x = flow.inputs[""]
@@ -357,6 +373,10 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
         return next((n for n in norms_seen if _same(flow.outputs[n], tensor)), None)
 
     roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_name])}
+    if roles["ln2"] is None or roles["ln2"] == roles["ln1"] or _same(flow.inputs.get(roles["ln2"]), x):
+        found = parallel.parallel_roles(flow, attn_name, mlp_name, norm_feeding, _close)
+        if found:
+            return {**found, "parallel": True}
     if roles["ln1"] is None or not _same(flow.inputs[roles["ln1"]], x):
         raise UnsupportedModelError(f"{where}: the attention's input is not a norm of the block input (no pre-norm block)")
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"]:
