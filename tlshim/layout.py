@@ -136,6 +136,7 @@ def _plan_layer(plan: Plan, i: int):
             site.out_points.append((point, None))  # the per-head norm already sees the heads axis
 
     attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
+    attn_site.head_counts = (n_heads, n_kv)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
     for name in ("rot_q", "rot_k"):
         setattr(rot_site, name, plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", rot_site))

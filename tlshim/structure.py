@@ -21,7 +21,9 @@ from torch import nn
 
 from . import family_parallel as parallel
 from . import norms
+from .attention import AttnSite
 from .errors import UnsupportedModelError
+from .inline_attention import InlineAttnSite
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
@@ -61,7 +63,7 @@ def derive_spec(model) -> ArchSpec:
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
     gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
     qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
-    _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
+    registry = _uses_attention_registry(attn)
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
     flow = _probe(model, layer)
@@ -111,6 +113,7 @@ def derive_spec(model) -> ArchSpec:
         linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
+        attn_site=AttnSite if registry else InlineAttnSite,
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
     )
 
@@ -245,13 +248,11 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
                 )
 
 
-def _uses_attention_registry(attn, where):
+def _uses_attention_registry(attn) -> bool:
+    """Whether the attention picks its kernel from transformers' registry by ``config._attn_implementation``
+    (else its ops are watched inline: inline_attention.py)."""
     source_module = importlib.import_module(type(attn).__module__)
-    if not hasattr(source_module, "eager_attention_forward") or not hasattr(attn, "config"):
-        raise UnsupportedModelError(
-            f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
-            "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
-        )
+    return all(hasattr(source_module, name) for name in ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")) and hasattr(attn, "config")
 
 
 def _parameters(function) -> tuple:
