@@ -46,6 +46,39 @@ class InlineAttnSite(AttnSite):
         return own.repeat_interleave(n_rep, dim=1) if n_rep > 1 else own
 
 
+def _query_key(func, args):
+    """The two operands of a product of head-shaped tensors ((batch, heads) or batch * heads first), or None."""
+    operands = args[1:3] if func is torch.baddbmm else args[:2]
+    dims = (3,) if func in (torch.bmm, torch.baddbmm) else (4,)
+    return operands if all(isinstance(t, torch.Tensor) and t.dim() in dims for t in operands) else None
+
+
+def computes_attention(attn, run) -> bool:
+    """Whether ``attn``'s forward, in the forward that ``run()`` makes, takes a product of head-shaped
+    tensors and then a softmax, or calls F.scaled_dot_product_attention (what _Ops serves)."""
+    seen = _Seen()
+    handles = [
+        attn.register_forward_pre_hook(lambda *_: (seen.__enter__(), None)[1]),
+        attn.register_forward_hook(lambda *_: seen.__exit__(None, None, None)),
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen.sdpa or seen.softmax
+
+
+class _Seen(torch.overrides.TorchFunctionMode):
+    product = softmax = sdpa = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.product = self.product or (func in _PRODUCTS and _query_key(func, args) is not None)
+        self.softmax = self.softmax or (self.product and func in _SOFTMAX)
+        self.sdpa = self.sdpa or func is F.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
 class _Ops(torch.overrides.TorchFunctionMode):
     """The ops of one attention forward: see the module doc."""
 
@@ -60,9 +93,8 @@ class _Ops(torch.overrides.TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
         if func in _PRODUCTS and not self.product_seen:
-            operands = args[1:3] if func is torch.baddbmm else args[:2]
-            dims = (3,) if func in (torch.bmm, torch.baddbmm) else (4,)  # (batch * heads) or (batch, heads) first
-            if all(isinstance(t, torch.Tensor) and t.dim() in dims for t in operands):
+            operands = _query_key(func, args)
+            if operands:
                 self.product_seen = True
                 query, key_t = (self._heads(t) for t in operands)
                 query = site.fire_heads(site.rot_q, query)

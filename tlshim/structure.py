@@ -23,6 +23,7 @@ from . import family_parallel as parallel
 from . import norms
 from .attention import AttnSite
 from .errors import UnsupportedModelError
+from . import inline_attention
 from .inline_attention import InlineAttnSite
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
@@ -67,6 +68,8 @@ def derive_spec(model) -> ArchSpec:
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
     flow = _probe(model, layer)
+    if not registry:
+        _check_inline_attention(model, layer, attn, f"{layers_path}.0.{attn_name}")
     roles = _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
     norm_kind = _norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
     for role in ("ln2", "ln1_post", "ln2_post"):
@@ -253,6 +256,16 @@ def _uses_attention_registry(attn) -> bool:
     (else its ops are watched inline: inline_attention.py)."""
     source_module = importlib.import_module(type(attn).__module__)
     return all(hasattr(source_module, name) for name in ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")) and hasattr(attn, "config")
+
+
+def _check_inline_attention(model, layer, attn, where):
+    """Attention outside the registry is served from its ops (inline_attention.py): it must take a
+    query-key product and a softmax (or call sdpa), and carry its config (head sizes)."""
+    if not hasattr(attn, "config") or not inline_attention.computes_attention(attn, lambda: _probe(model, layer)):
+        raise UnsupportedModelError(
+            f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
+            "softmax(q @ k^T) or sdpa itself with a config on the module, so hook_rot_q / hook_attn_scores cannot be served"
+        )
 
 
 def _parameters(function) -> tuple:
