@@ -91,7 +91,9 @@ def _failures(model, twin, ids, native):
         if not torch.equal(zeroed, by_hand):
             failures.append("an edit of hook_z differs from the same edit by hand")
         vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
-        steered = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_mid", lambda x, hook: x + vector)], use_cache=False)
+        # a parallel block has no resid_mid: the same vector added to hook_attn_out is its equivalent
+        name = "blocks.0.hook_attn_out" if model.cfg.parallel_attn_mlp else "blocks.0.hook_resid_mid"
+        steered = model.run_with_hooks(ids, fwd_hooks=[(name, lambda x, hook: x + vector)], use_cache=False)
         attn_out = get_path(twin, f"{spec.layers}.0.{spec.attn_out}")
         handle = attn_out.register_forward_hook(lambda m, args, out: _add_to_first(out, vector))
         try:
@@ -99,7 +101,7 @@ def _failures(model, twin, ids, native):
         finally:
             handle.remove()
         if (steered - by_hand).abs().max() > 1e-5 * by_hand.abs().max():  # the sum order differs: not bit for bit
-            failures.append("an edit of hook_resid_mid differs from adding the vector after attention by hand")
+            failures.append(f"an edit of {name} differs from adding the vector after attention by hand")
     return failures
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+from . import family_parallel as parallel
 from .errors import UnsupportedModelError
 from .family_post import MidInputSite
 from .hook_points import HookPoint
@@ -123,8 +124,9 @@ def _plan_layer(plan: Plan, i: int):
     layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
 
     aliases = {"attn": attn, "mlp": mlp}
-    if spec.ln1:
-        aliases["ln1"] = _plan_norm(plan, rel(spec.ln1), f"{block}.ln1").module
+    ln1 = _plan_norm(plan, rel(spec.ln1), f"{block}.ln1") if spec.ln1 else None
+    if ln1:
+        aliases["ln1"] = ln1.module
 
     qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
     _plan_projections(plan, qkv, base, block, attn, "attn")
@@ -137,6 +139,7 @@ def _plan_layer(plan: Plan, i: int):
             site.out_points.append((point, (n_heads if role == "q" else n_kv) if spec.qk_norm_whole else None))
 
     attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
+    attn_site.head_counts = (n_heads, n_kv)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
     for name in ("rot_q", "rot_k"):
         setattr(rot_site, name, plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", rot_site))
@@ -151,16 +154,19 @@ def _plan_layer(plan: Plan, i: int):
     attn_out_site = plan.site(rel(spec.attn_out))
     attn_out_site.out_points.append((plan.point(f"{block}.hook_attn_out", layer, "hook_attn_out", attn_out_site), None))
 
-    mlp_out_site = plan.site(rel(spec.mlp_out), MlpOutSite, layer_site)
-    # resid_mid fires at the pre-MLP norm's input, or at the MLP's own in a post-norm-only block
-    if spec.ln2:
-        mid_site = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
+    mlp_out_site = plan.site(rel(spec.mlp_out), parallel.CopyOutSite if spec.parallel else MlpOutSite, layer_site)
+    if spec.parallel:
+        aliases["ln2"] = parallel.plan_ln2(plan, spec, ln1, rel, block).module
     else:
-        mid_site = plan.site(rel(spec.mlp), MidInputSite, layer_site)
-    mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", mid_site, layer_site, mlp_out_site)
-    mid_site.in_points.append((mid, None))
-    if spec.ln2:
-        aliases["ln2"] = _plan_norm(plan, rel(spec.ln2), f"{block}.ln2", layer_site).module
+        # resid_mid fires at the pre-MLP norm's input, or at the MLP's own in a post-norm-only block
+        if spec.ln2:
+            mid_site = plan.site(rel(spec.ln2), NormSite, spec.norm, None, layer_site)
+        else:
+            mid_site = plan.site(rel(spec.mlp), MidInputSite, layer_site)
+        mid = layer_site.mid_point = plan.point(f"{block}.hook_resid_mid", layer, "hook_resid_mid", mid_site, layer_site, mlp_out_site)
+        mid_site.in_points.append((mid, None))
+        if spec.ln2:
+            aliases["ln2"] = _plan_norm(plan, rel(spec.ln2), f"{block}.ln2", layer_site).module
 
     mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
     mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
@@ -202,6 +208,9 @@ def _plan_projections(plan, points, base, block, owner, prefix):
             own_site = prefix == "attn" and spec.qkv_site
             site = plan.site(path, spec.qkv_site, plan.model.config) if own_site else plan.site(path)
             site.out_points.append((plan.point(f"{block}.{prefix}.{attr}", owner, attr, site), n_heads))
+            continue
+        if prefix == "attn" and plan.spec.qkv_grouped:
+            parallel.plan_grouped_qkv(plan, path, entries, block, owner)
             continue
         site = plan.site(path, SplitSite)
         width, units = plan.module(path).out_features, sum(n or 1 for _, n in entries)

@@ -118,6 +118,10 @@ class ArchSpec:
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
     norm: norms.Norm = norms.RMS
+    #: attention and MLP both read the block input (no resid_mid); ln2 == ln1 where they share one norm
+    parallel: bool = False
+    #: the fused q/k/v projection is laid out per key/value group (family_parallel.GroupedQkvSite)
+    qkv_grouped: bool = False
     #: Site subclass for the q/k/v projections, built as cls(module, path, config); None = plain Site
     qkv_site: type | None = None
     #: Site class of the q/k norms (HeadsFirstSite where they see (batch, heads, pos, d_head))

@@ -19,23 +19,31 @@ import inspect
 import torch
 from torch import nn
 
+from . import family_parallel as parallel
 from . import norms
+from .attention import AttnSite
 from .errors import UnsupportedModelError
 from .sites import HeadsFirstSite, Site
+from . import inline_attention
+from .inline_attention import InlineAttnSite
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 MLP = ("mlp", "feed_forward", "ffn")
 #: (q, k, v, o) projection names inside the attention module
-PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"))
+PROJECTIONS = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"),
+    ("q_proj", "k_proj", "v_proj", "dense"),
+)
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
-FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"))
+#: (GPT-NeoX's and Falcon's query_key_value is grouped per key/value head: family_parallel.GROUPED_QKV)
+FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("query_key_value", "dense"))
 #: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
 FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
+PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -66,12 +74,14 @@ def derive_spec(model) -> ArchSpec:
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
     gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
     qk_norm = next((pair for pair in QK_NORMS if all(_looks_like_norm(getattr(attn, n, None)) for n in pair)), (None, None))
-    _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
+    registry = _uses_attention_registry(attn)
     _refuse_unserved(attn, UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     _refuse_unserved(mlp, UNSERVED_MLP, f"{layers_path}.0.{mlp_name}")
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
     flow = _probe(model, layer, {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
+    if not registry:
+        _check_inline_attention(model, layer, attn, f"{layers_path}.0.{attn_name}")
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
     first_norm = roles["ln1"] or roles["ln1_post"]
     norm_kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
@@ -86,6 +96,8 @@ def derive_spec(model) -> ArchSpec:
     d_mlp = getattr(mlp, up).out_features // (2 if gate == up else 1)
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
+    sizes["parallel_attn_mlp"] = roles.get("parallel", False)
+    grouped = q == k and q in parallel.GROUPED_QKV
     return ArchSpec(
         versions="",
         layers=layers_path,
@@ -114,9 +126,12 @@ def derive_spec(model) -> ArchSpec:
         down_proj=down,
         norm=norm_kind,
         head_counts=structural_head_counts,
-        linear_params=fused_qkv_params if q == k else linear_params,
+        parallel=roles.get("parallel", False),
+        qkv_grouped=grouped,
+        linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
+        attn_site=AttnSite if registry else InlineAttnSite,
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
     )
 
@@ -162,6 +177,8 @@ def _structural_cfg(found, model):
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
+        rotary_dim=parallel.rotary_dim(config, found["d_head"]),
+        logit_scale=getattr(config, "logit_scale", None) or 1.0,
         attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
         output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or -1.0,
     )
@@ -256,12 +273,20 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
                 )
 
 
-def _uses_attention_registry(attn, where):
+def _uses_attention_registry(attn) -> bool:
+    """Whether the attention picks its kernel from transformers' registry by ``config._attn_implementation``
+    (else its ops are watched inline: inline_attention.py)."""
     source_module = importlib.import_module(type(attn).__module__)
-    if not hasattr(source_module, "eager_attention_forward") or not hasattr(attn, "config"):
+    return all(hasattr(source_module, name) for name in ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")) and hasattr(attn, "config")
+
+
+def _check_inline_attention(model, layer, attn, where):
+    """Attention outside the registry is served from its ops (inline_attention.py): it must take a
+    query-key product and a softmax (or call sdpa), and carry its config (head sizes)."""
+    if not hasattr(attn, "config") or not inline_attention.computes_attention(attn, lambda: _probe(model, layer, {})):
         raise UnsupportedModelError(
-            f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
-            "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
+            f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
+            "softmax(q @ k^T) or sdpa itself with a config on the module, so hook_rot_q / hook_attn_scores cannot be served"
         )
 
 
@@ -340,7 +365,8 @@ def _probe(model, layer, extra) -> _Flow:
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("hidden_states")
             flow.inputs.setdefault(name, x)
-            flow.outputs.setdefault(name, output[0] if isinstance(output, tuple) else output)
+            out = output[0] if isinstance(output, tuple) else output
+            flow.outputs.setdefault(name, out.clone() if isinstance(out, torch.Tensor) else out)  # Falcon adds in place
             if name == "":
                 raise _ProbeDone
 
@@ -374,6 +400,10 @@ def _same(a, b) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
+def _close(a, b) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
 def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
     norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
     x = flow.inputs[""]
@@ -386,6 +416,10 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
         return next((n for n in norms_seen if _same(flow.outputs[n], tensor)), None)
 
     roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_name])}
+    if roles["ln2"] is None or roles["ln2"] == roles["ln1"] or _same(flow.inputs.get(roles["ln2"]), x):
+        found = parallel.parallel_roles(flow, attn_name, mlp_name, norm_feeding, _close)
+        if found:
+            return {**found, "parallel": True}
     if roles["ln1"] is None or not _same(flow.inputs[roles["ln1"]], x):
         raise UnsupportedModelError(f"{where}: the attention's input is not a norm of the block input (no pre-norm block)")
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"]:

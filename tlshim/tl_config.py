@@ -30,12 +30,15 @@ class TLConfig:
     eps: float = 1e-5
     rotary_base: float | None = None
     rotary_layers: list | None = None
+    rotary_dim: int | None = None
     gated_mlp: bool = True
     final_rms: bool = True
     tie_word_embeddings: bool = False
     window_size: int | None = None
     attn_scores_soft_cap: float = -1.0
     output_logits_soft_cap: float = -1.0
+    #: the factor the logits are multiplied by after the unembedding (Cohere's logit_scale)
+    logit_scale: float = 1.0
     original_architecture: str = ""
     model_name: str = ""
     tokenizer_name: str | None = None

@@ -107,8 +107,11 @@ def _verify(model, input_ids):
         b, block = f"blocks.{i}", model.blocks[i]
         if i + 1 < cfg.n_layers:
             same(f"{b}.hook_resid_post", "equals the next block's hook_resid_pre", cache[f"{b}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"])
-        same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
-        same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
+        if cfg.parallel_attn_mlp:
+            _parallel_block(cfg, cache, b, same)
+        else:
+            same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
+            same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
         same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores)", pattern, torch.softmax(scores.float(), -1).to(pattern.dtype), exact=False)
         n_rep = _at(cfg.n_heads, i) // _at(cfg.n_key_value_heads, i)
@@ -126,6 +129,7 @@ def _verify(model, input_ids):
         final = model.ln_final(cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
         unembedded = F.linear(final, model.W_U.T, model.b_U)
     cap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
+    unembedded = unembedded * cfg.logit_scale if cfg.logit_scale != 1.0 else unembedded
     same("logits", "= ln_final(last hook_resid_post) @ W_U + b_U", logits, torch.tanh(unembedded / cap) * cap if cap > 0 else unembedded, exact=False)
     return report
 
@@ -141,6 +145,18 @@ def _check_qk_norms(same, cache, b, attn, spec):
         with torch.no_grad():
             want = norm(x.flatten(-2)).view_as(x) if spec.qk_norm_whole else norm(x)
         same(name, f"= the {role} norm of hook_{role}", cache[name], want, exact=False)
+
+
+def _parallel_block(cfg, cache, b, same):
+    """HOOKS.md, parallel blocks: no resid_mid; resid_post = resid_pre + attn_out + mlp_out (the model may
+    sum in another order); ln2 of a shared norm holds ln1's values."""
+    add_up = cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"] + cache[f"{b}.hook_mlp_out"]
+    same(f"{b}.hook_resid_post", "= resid_pre + attn_out + mlp_out", cache[f"{b}.hook_resid_post"], add_up, exact=False)
+    same(f"{b}.hook_resid_mid", "is absent (parallel block)", torch.tensor(f"{b}.hook_resid_mid" in cache), torch.tensor(False))
+    block = cfg._model_ref().blocks[int(b.split(".")[1])]
+    if block.ln2 is block.ln1:
+        for name in ("hook_scale", "hook_normalized"):
+            same(f"{b}.ln2.{name}", "equals ln1's (one shared norm)", cache[f"{b}.ln2.{name}"], cache[f"{b}.ln1.{name}"])
 
 
 def _at(value, i):

@@ -1,0 +1,130 @@
+"""Parallel blocks and the grouped fused qkv projection (HOOKS.md, "Families").
+
+A parallel block (GPT-J, GPT-NeoX with use_parallel_residual, Phi-1/2, Falcon, Cohere, StableLM where
+configured) feeds attention and MLP from the block input, through one shared norm or one norm each,
+and returns input + attention output + MLP output: there is no resid_mid. With one shared norm,
+``ln2`` is that same module and its hook points fire on the same values as ``ln1``'s.
+
+GPT-NeoX's and Falcon's ``query_key_value`` hold, per key/value head, that head's query heads, then
+its key, then its value (GPT-NeoX: one q per group, so q, k, v interleave per head; Falcon multi-query:
+one group, so all q, then k, then v): hook_q / hook_k / hook_v fire on those slices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hook_points import HookPoint
+from .sites import MlpOutSite, NormSite, Site, fire_points
+from .spec import linear_params
+
+#: fused q/k/v projections laid out per key/value group (q heads of the group, then k, then v)
+GROUPED_QKV = ("query_key_value",)
+
+
+def parallel_roles(flow, attn_name, mlp_name, feeding, close) -> dict | None:
+    """{"ln1", "ln2"} of a parallel block seen on the probe, or None where the block is not one:
+    attention and MLP each read a norm of the block input (the same one, or one each), and the block
+    output is input + attention output + MLP output (``close``: the model may sum in another order)."""
+    x = flow.inputs[""]
+    ln1, ln2 = feeding(flow.inputs[attn_name]), feeding(flow.inputs[mlp_name])
+    if ln1 is None or ln2 is None or not all(torch.equal(flow.inputs[n], x) for n in (ln1, ln2)):
+        return None
+    if not close(flow.outputs[""], x + flow.outputs[attn_name] + flow.outputs[mlp_name]):
+        return None
+    return {"ln1": ln1, "ln2": ln2}
+
+
+def rotary_dim(config, d_head):
+    """How many of each head's dims carry rotary (GPT-J rotary_dim, NeoX rotary_pct, partial_rotary_factor)."""
+    if isinstance(getattr(config, "rotary_dim", None), int):
+        return config.rotary_dim
+    rope = getattr(config, "rope_parameters", None) or {}
+    for factor in (rope.get("partial_rotary_factor"), getattr(config, "partial_rotary_factor", None), getattr(config, "rotary_pct", None)):
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+            return int(d_head * factor)
+    return d_head
+
+
+def plan_ln2(plan, spec, ln1, rel, block):
+    """The MLP's norm of a parallel block: its own NormSite, or (shared) ln1's site firing ln2's points too."""
+    if spec.ln2 != spec.ln1:
+        ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None)
+        ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
+        ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
+        return ln2
+    # one module: its attributes stay ln1's points; ln2's are in hook_dict only
+    scale, normalized = (HookPoint(f"{block}.ln2.{name}", (ln1,)) for name in ("hook_scale", "hook_normalized"))
+    plan.hook_dict[scale.name], plan.hook_dict[normalized.name] = scale, normalized
+    ln1.scale_point = _Both(ln1.scale_point, scale)
+    ln1.out_points.append((normalized, None))
+    return ln1
+
+
+class _Both:
+    """Two hook points on one value (ln1 and ln2 of a shared norm): fired in turn, active if either is."""
+
+    def __init__(self, first, second):
+        self.points = (first, second)
+
+    @property
+    def active(self):
+        return any(point.active for point in self.points)
+
+    @property
+    def bwd_hooks(self):
+        return [hook for point in self.points for hook in point.bwd_hooks]
+
+    def fire(self, tensor):
+        return fire_points([(point, None) for point in self.points], tensor)
+
+
+class CopyOutSite(MlpOutSite):
+    """The MLP of a parallel block: hands on a copy of what its points saw, because Falcon adds the
+    attention output into that tensor in place."""
+
+    def on_output(self, y):
+        return super().on_output(y).clone()
+
+
+def plan_grouped_qkv(plan, path, entries, block, owner):
+    """hook_q / hook_k / hook_v on a grouped fused projection (entries: (attribute, n_heads) in q, k, v order)."""
+    (q_attr, n_heads), (k_attr, n_kv), (v_attr, _) = entries
+    site = plan.site(path, GroupedQkvSite, n_kv, n_heads // n_kv)
+    for attr in (q_attr, k_attr, v_attr):
+        site.out_points.append((plan.point(f"{block}.attn.{attr}", owner, attr, site), None))
+
+
+class GroupedQkvSite(Site):
+    """A fused projection whose output is (..., groups, q_per_group + 2, d_head): out_points are q, k, v,
+    each fired as (..., heads, d_head); an edit is put back into its slice of the output."""
+
+    def __init__(self, module, path, groups, q_per_group):
+        super().__init__(module, path)
+        self.groups, self.q_per_group = groups, q_per_group
+
+    def on_output(self, y):
+        g, r = self.groups, self.q_per_group
+        grouped = y.view(*y.shape[:-1], g, r + 2, -1)
+        parts = [grouped[..., :r, :].flatten(-3, -2), grouped[..., r, :], grouped[..., r + 1, :]]
+        fired = [fire_points([entry], part) for entry, part in zip(self.out_points, parts)]
+        if all(a is b for a, b in zip(fired, parts)):
+            return y
+        q, k, v = fired
+        rows = [q.unflatten(-2, (g, r)), k.unsqueeze(-2), v.unsqueeze(-2)]
+        return torch.cat(rows, dim=-2).reshape(y.shape)
+
+
+def grouped_qkv_params(spec, attn, role):
+    """(weight, bias) of q, k or v: the rows of a grouped fused projection (see GroupedQkvSite); o as it is."""
+    weight, bias = linear_params(spec, attn, role)
+    if role == "o":
+        return weight, bias
+    n_heads, n_kv, d_head = spec.head_counts(attn, getattr(attn, "config", None))
+    r = n_heads // n_kv
+    rows = {"q": slice(0, r), "k": slice(r, r + 1), "v": slice(r + 1, r + 2)}[role]
+
+    def pick(t):
+        return None if t is None else t.view(n_kv, r + 2, d_head, *t.shape[1:])[:, rows].flatten(0, 2)
+
+    return pick(weight), pick(bias)
