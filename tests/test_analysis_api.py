@@ -164,6 +164,9 @@ def test_cache_slicing_stacking_autodiff():
     assert torch.equal(cache.stack_activation("pattern"), torch.stack([cache["pattern", i] for i in range(4)]))
     assert cache.stack_activation("resid_post", layer=2).shape == (2, 2, 12, 64)
     assert cache.has_embed and not cache.has_pos_embed
+    assert cache.ssm_layers() == []
+    with pytest.raises(RuntimeError, match="no SSM mixer layers"):
+        cache.compute_ssm_state()
     try:
         cache.toggle_autodiff(False)
         assert not torch.is_grad_enabled()
@@ -232,7 +235,7 @@ def test_head_labels_and_hook_utilities():
     model.cache_all(everything)
     with torch.no_grad():
         model(ids)
-    assert set(everything) == set(model.hook_dict) - {n for n in model.hook_dict if n.endswith("hook_result")} or set(everything) <= set(model.hook_dict)
+    assert set(everything) == set(model.hook_dict)  # hook_result too: computed because it is hooked
     assert torch.equal(everything["blocks.1.attn.hook_pattern"], want["pattern", 1])
     model.remove_all_hook_fns()
     everything.clear()
@@ -266,3 +269,15 @@ def test_one_head_count_is_an_int():
     model = installed("llama")
     assert model.cfg.n_heads == 4 and isinstance(model.cfg.n_heads, int)
     assert model.cfg.n_key_value_heads == 2 and model.cfg.d_mlp == 128
+
+
+def test_caching_hooks_slice_positions_per_hook_layout():
+    model = installed("llama")
+    ids, _, want = run(model)
+    cache, fwd, _ = model.get_caching_hooks(["blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern", "blocks.1.hook_resid_post"],
+                                            remove_batch_dim=True, pos_slice=-1)
+    with model.hooks(fwd_hooks=fwd), torch.no_grad():
+        model(ids[:1])
+    assert torch.equal(cache["blocks.1.attn.hook_z"], want["z", 1][0, -1])
+    assert torch.equal(cache["blocks.1.attn.hook_pattern"], want["pattern", 1][0, :, -1])
+    assert torch.equal(cache["blocks.1.hook_resid_post"], want["resid_post", 1][0, -1])

@@ -14,6 +14,10 @@ import torch
 from .factored import composition_scores, factored
 
 
+#: hook names whose position axis is third from last: (..., pos, head, d_head or d_model)
+_PER_HEAD = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k", "hook_q_normed", "hook_k_normed")
+
+
 class HeadLabels(list):
     """"L{layer}H{head}" for every head: a list (TransformerBridge's property) that can also be called
     (HookedTransformer's method)."""
@@ -127,7 +131,10 @@ class AnalysisAPI:
         def saver(suffix, keep_graph):
             def save(tensor, hook):
                 value = tensor if keep_graph else tensor.detach()
-                value = _apply_slice(value[0] if remove_batch_dim else value, pos_slice, -2 if value.ndim > 2 else 0)
+                value = value[0] if remove_batch_dim else value
+                pos_dim = -3 if hook.name.endswith(_PER_HEAD) else -2  # (.., pos, head, e) or (.., pos, d) / (.., q pos, k pos)
+                if pos_slice is not None and value.ndim >= -pos_dim:
+                    value = _apply_slice(value, pos_slice, pos_dim)
                 cache[hook.name + suffix] = value if device is None else value.to(device)
 
             return save

@@ -163,6 +163,16 @@ class CacheAnalysis:
             stack = stack.squeeze(-1)
         return (stack, labels) if return_labels else stack
 
+    def ssm_layers(self, mixer_type=None):
+        """The layers with an SSM mixer: none on the decoders tlshim installs into."""
+        return []
+
+    def compute_ssm_effective_attention(self, layer=None, include_dt_scaling=False, per_state_coord=False):
+        raise RuntimeError("compute_ssm_effective_attention: this model has no SSM mixer layers (cache.ssm_layers() is [])")
+
+    def compute_ssm_state(self, layer=None, time_step=None):
+        raise RuntimeError("compute_ssm_state: this model has no SSM mixer layers (cache.ssm_layers() is [])")
+
     def logit_lens(self, **kwargs):
         """TransformerLens's tools.analysis.logit_lens on this cache (needs transformer_lens installed)."""
         if importlib.util.find_spec("transformer_lens") is None:
