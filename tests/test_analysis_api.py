@@ -83,7 +83,7 @@ def test_tokens_to_residual_directions_fold_the_final_norm_weight():
     ids = torch.tensor([[3, 7], [9, 11]])
     want = model.W_U[:, ids].movedim(0, -1) * (1 + model.model.norm.weight)
     torch.testing.assert_close(model.tokens_to_residual_directions(ids), want)
-    torch.testing.assert_close(model.tokens_to_residual_directions(5), want[0, 0] * 0 + model.W_U[:, 5] * (1 + model.model.norm.weight))
+    torch.testing.assert_close(model.tokens_to_residual_directions(5), model.W_U[:, 5] * (1 + model.model.norm.weight))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
