@@ -82,7 +82,9 @@ class ActivationCache(CacheAnalysis):
             self.model.to(device)
         return self
 
-    def remove_batch_dim(self):
+    def remove_batch_dim(self, batch_size=None):
+        if batch_size not in (None, 1):
+            raise ValueError(f"remove_batch_dim needs batch size 1, got batch_size={batch_size}")
         if self.has_batch_dim:
             for name, value in self.cache_dict.items():
                 if value.shape[0] != 1:
