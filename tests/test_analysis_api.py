@@ -263,6 +263,9 @@ def test_openelm_per_layer_heads_and_tied_unembed():
     with pytest.raises(ValueError, match="per-layer form"):
         model.OV
     assert cache.stack_head_results().shape[0] == 14
+    full, labels = cache.get_full_resid_decomposition(return_labels=True)  # each layer its own heads and width
+    assert len(labels) == full.shape[0] == 14 + sum(cfg.d_mlp) + 2 and "L0N31" in labels and "L0N32" not in labels
+    torch.testing.assert_close(full.sum(0), cache["resid_post", -1], **CLOSE)
 
 
 def test_one_head_count_is_an_int():
