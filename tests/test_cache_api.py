@@ -85,20 +85,19 @@ def test_apply_ln_divides_by_the_cached_scale_before_the_weight(run):
     torch.testing.assert_close(first, parts[:, None, 0])
 
 
-def test_logit_attrs_dot_with_w_u(run):
+def test_logit_attrs_sum_to_the_logits(run):
+    """The directions carry the final norm's weight (TransformerLens's numbers assume it folded into W_U)."""
     model, ids, logits, cache = run
     answer, wrong = ids[:, -1], (ids[:, -1] + 1) % 256
     raw = cache.decompose_resid(pos_slice=-1)
     normalized = cache["ln_final.hook_normalized"][:, -1]
     attrs = cache.logit_attrs(raw, answer, pos_slice=-1)
-    torch.testing.assert_close(attrs.sum(0), (normalized * model.W_U[:, answer].T).sum(-1), rtol=1e-4, atol=1e-4)
     want = logits[torch.arange(2), -1, answer]
-    assert not torch.allclose(attrs.sum(0), want, atol=1e-2)  # the final norm's weight is not applied
-    weighted = cache.logit_attrs(raw * model.ln_final.w, answer, pos_slice=-1)  # ... until the stack carries it
-    torch.testing.assert_close(weighted.sum(0), want, rtol=1e-4, atol=1e-4)
-    diff = cache.logit_attrs(raw * model.ln_final.w, answer, incorrect_tokens=wrong, pos_slice=-1)
+    torch.testing.assert_close(attrs.sum(0), want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose((normalized * model.W_U[:, answer].T).sum(-1), want, atol=1e-2)  # W_U alone misses the weight
+    diff = cache.logit_attrs(raw, answer, incorrect_tokens=wrong, pos_slice=-1)
     torch.testing.assert_close(diff.sum(0), want - logits[torch.arange(2), -1, wrong], rtol=1e-4, atol=1e-4)
-    with pytest.raises(TypeError, match="token ids"):
+    with pytest.raises(ValueError, match="without a tokenizer"):  # a string is one token, as the tokenizer reads it
         cache.logit_attrs(raw, "cat")
 
 

@@ -50,7 +50,7 @@ def test_names_shapes_cfg_and_weights():
         assert model.blocks[i].mlp.W_gate.shape == (64, m) and model.blocks[i].mlp.W_out.shape == (m, 64)
     with pytest.raises(ValueError, match=r"blocks\[i\]\.attn\.W_Q"):
         model.W_Q
-    assert torch.equal(model.W_U, model.transformer.token_embeddings.weight.T) and model.unembed is model.embed
+    assert torch.equal(model.W_U, model.transformer.token_embeddings.weight.T) and model.unembed.module is model.embed
 
 
 def test_idle_logits_and_read_only_hooks():

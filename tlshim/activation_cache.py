@@ -3,7 +3,9 @@
 The norm methods follow TransformerLens on a model whose norm weights are not folded in:
 ``apply_ln_to_stack`` centres (LayerNorm) and divides by the cached hook_scale, without the norm's
 weight, so its components sum to hook_normalized; ``accumulated_resid(apply_ln=True)`` up to the final
-layer runs the final norm itself (weight included) on each component; ``logit_attrs`` dots with W_U.
+layer runs the final norm itself (weight included) on each component (TransformerLens >= 3.9's logit
+lens); ``logit_attrs`` dots with ``model.tokens_to_residual_directions``, W_U with the final norm's
+weight folded in (as TransformerLens's fold_ln gives it), so a full decomposition sums to the logit.
 Slices take TransformerLens's forms (an int drops the axis, a tuple is a slice, a list indexes).
 """
 
@@ -14,12 +16,15 @@ import numbers
 import torch
 
 from .names import act_name
+from .tl_cache import CacheAnalysis
 
 
 def _apply_slice(tensor, how, dim):
     """TransformerLens's Slice: None keeps all, an int drops the axis, a tuple is slice(*tuple)."""
     if how is None:
         return tensor
+    if hasattr(how, "apply") and hasattr(how, "mode"):  # TransformerLens's own Slice
+        return how.apply(tensor, dim=dim)
     if isinstance(how, tuple):
         how = slice(*how)
     elif isinstance(how, numbers.Integral) or (torch.is_tensor(how) and how.ndim == 0):
@@ -29,7 +34,7 @@ def _apply_slice(tensor, how, dim):
     return tensor[tuple(index)]
 
 
-class ActivationCache:
+class ActivationCache(CacheAnalysis):
     def __init__(self, cache_dict: dict, model, has_batch_dim: bool = True):
         self.cache_dict = cache_dict
         self.model = model
@@ -38,6 +43,8 @@ class ActivationCache:
     def _key(self, key):
         if isinstance(key, str):
             return key if key in self.cache_dict else act_name(key)
+        if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:  # cache["resid_post", -1]: the last layer
+            key = (key[0], self._n_layers + key[1], *key[2:])
         return act_name(*key)
 
     def __getitem__(self, key):
@@ -75,7 +82,9 @@ class ActivationCache:
             self.model.to(device)
         return self
 
-    def remove_batch_dim(self):
+    def remove_batch_dim(self, batch_size=None):
+        if batch_size not in (None, 1):
+            raise ValueError(f"remove_batch_dim needs batch size 1, got batch_size={batch_size}")
         if self.has_batch_dim:
             for name, value in self.cache_dict.items():
                 if value.shape[0] != 1:
@@ -153,7 +162,10 @@ class ActivationCache:
             result = self[f"blocks.{i}.attn.hook_result"]
             components.extend(result.unbind(-2))
             labels.extend(f"L{i}H{h}" for h in range(result.shape[-2]))
-        stack = torch.stack(components)
+        if not components:  # layer 0: no heads, the shape an empty stack of residuals has
+            stack = self["hook_embed"].new_zeros((0, *self["hook_embed"].shape))
+        else:
+            stack = torch.stack(components)
         if incl_remainder:
             total = self.accumulated_resid(layer)[-1]
             stack = torch.cat([stack, (total - stack.sum(0))[None]])
@@ -189,8 +201,9 @@ class ActivationCache:
         """Each component's contribution to the logit of ``tokens`` (minus ``incorrect_tokens``): the stack
         through ``apply_ln_to_stack`` at the final norm, dotted with the tokens' columns of W_U.
 
-        Without the final norm's weight, as in TransformerLens on unfolded weights: the attributions sum
-        to the logits only where that weight is ones (fold it into W_U, or scale the stack by ``ln_final.w``).
+        ``tokens`` may be a string (one token). The directions carry the final norm's weight (TransformerLens's
+        numbers assume it folded into W_U), so the attributions of a full decomposition sum to the logit
+        (difference), less b_U and any final soft-cap.
         """
         directions = self._residual_directions(tokens)
         if incorrect_tokens is not None:
@@ -206,11 +219,5 @@ class ActivationCache:
         return (scaled * directions.to(scaled.dtype)).sum(-1)
 
     def _residual_directions(self, tokens):
-        """The columns of W_U for ``tokens`` (an int or a tensor of ids), d_model last."""
-        if isinstance(tokens, str):
-            raise TypeError(f"logit_attrs takes token ids (an int or a tensor), not the string {tokens!r}: "
-                            "pass model.to_tokens(...) ids instead")
-        w_u = self.model.W_U.detach()
-        if torch.is_tensor(tokens) and tokens.numel() > 1:
-            return w_u[:, tokens].movedim(0, -1)
-        return w_u[:, int(tokens)]
+        """model.tokens_to_residual_directions(tokens) (W_U with the final norm's weight folded in), detached."""
+        return self.model.tokens_to_residual_directions(tokens).detach()

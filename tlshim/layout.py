@@ -14,6 +14,7 @@ from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
 from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, RotarySite, Site, SplitSite
 from .spec import get_path
+from .unembed import unembed_alias
 from .weights import AttnWeights, EmbedWeights, MlpWeights, NormWeights, TiedEmbedWeights, UnembedWeights
 
 
@@ -99,7 +100,7 @@ def plan_install(model, spec) -> Plan:
 
     plan.alias(model, "blocks", layers, "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")
-    plan.alias(model, "unembed", plan.module(spec.unembed), "model")
+    plan.alias(model, "unembed", unembed_alias(model, plan.module(spec.unembed)), "model")
     plan.alias(model, "ln_final", final.module, "model")
     if spec.unembed == spec.embed:
         plan.swap(plan.module(spec.embed), TiedEmbedWeights, "embed")

@@ -6,6 +6,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from .per_layer import per_layer
+
 
 @dataclass
 class TLConfig:
@@ -49,6 +51,8 @@ class TLConfig:
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        for name in ("n_heads", "n_key_value_heads", "d_mlp"):
+            setattr(self, name, per_layer(name, getattr(self, name)))
         # held weakly: the config lives on the model, and a cycle would keep the model alive past ``del``
         if self._model_ref is not None and not isinstance(self._model_ref, weakref.ref):
             self._model_ref = weakref.ref(self._model_ref)
