@@ -93,6 +93,7 @@ def test_text_and_return_types(pair):
     want = twin(ids).logits
     assert torch.equal(model(PROMPT), want)
     assert torch.equal(model(ids, return_type="logits"), want)
+    assert torch.equal(model(input_ids=ids, return_type="logits"), want)
     assert torch.equal(model(ids[0], "logits"), want)  # 1-d ids get a batch axis; return_type positional
     assert model(PROMPT, return_type=None) is None
     per_token = ce(want, ids)
@@ -221,6 +222,9 @@ def test_tokenizer_without_bos_gets_one(tmp_path):
     assert model.to_tokens("t5 t6", prepend_bos=False).tolist() == [[5, 6]]
     model.cfg.default_prepend_bos = False
     assert model.to_tokens("t5 t6").tolist() == [[5, 6]]
+    qwen = tlshim.install(build("qwen2"), tokenizer=tok)  # TransformerLens tokenizes Qwen without a BOS
+    assert qwen.cfg.default_prepend_bos is False and qwen.to_tokens("t5 t6").tolist() == [[5, 6]]
+    assert qwen.to_tokens("t5 t6", prepend_bos=True).tolist() == [[1, 5, 6]]
 
 
 def test_loss_fn_hand_computed():

@@ -160,6 +160,6 @@ def _tl_config(model, spec, tokenizer):
         original_architecture=architectures[0],
         model_name=getattr(config, "_name_or_path", "") or "",
         tokenizer_name=getattr(tokenizer, "name_or_path", None),
-        **tokenizer_fields(tokenizer),
+        **tokenizer_fields(tokenizer, getattr(config, "model_type", None)),
         _model_ref=model,
     )

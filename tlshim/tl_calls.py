@@ -86,6 +86,8 @@ def _forward_args(input=None, return_type="logits", loss_per_token=False, prepen
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
     if input is None:
+        input = hf_kwargs.pop("input_ids", None)
+    if input is None:
         raise TypeError("a TransformerLens call needs an input: text, a list of texts or token ids (batch, pos)")
     return dict(input=input, return_type=return_type, loss_per_token=loss_per_token, prepend_bos=prepend_bos,
                 padding_side=padding_side, start_at_layer=start_at_layer, tokens=tokens,
@@ -188,13 +190,23 @@ def loss_fn(logits, tokens, attention_mask=None, per_token=False):
 # -- tokens -----------------------------------------------------------------------------------------
 
 
-def tokenizer_fields(tokenizer) -> dict:
-    """cfg's tokenizer fields, read off the tokenizer: whether it adds BOS / EOS itself, its padding side."""
+#: model types TransformerLens 4.3 tokenizes without a BOS by default (its adapters' default_prepend_bos)
+NO_BOS_TYPES = frozenset({
+    "bloom", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "glm", "glm4_moe", "glm4v", "granite", "llada",
+    "minimax_m2", "mpt", "gpt_neox", "phi", "phimoe", "qwen2", "qwen2_5_vl", "qwen3", "qwen3_moe", "qwen3_vl",
+    "recurrent_gemma", "seed_oss", "smollm3", "starcoder2",
+})
+
+
+def tokenizer_fields(tokenizer, model_type) -> dict:
+    """cfg's tokenizer fields: TransformerLens's BOS default for the model type; read off the tokenizer,
+    whether it adds BOS / EOS itself and its padding side."""
+    fields = {"default_prepend_bos": model_type not in NO_BOS_TYPES}
     if tokenizer is None:
-        return {}
+        return fields
     ids = tokenizer("a")["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return dict(tokenizer_prepends_bos=bos is not None and ids[:1] == [bos],
+    return dict(fields, tokenizer_prepends_bos=bos is not None and len(ids) > 1 and ids[0] == bos,
                 tokenizer_appends_eos=eos is not None and len(ids) > 1 and ids[-1] == eos,
                 default_padding_side=getattr(tokenizer, "padding_side", "right") or "right")
 
