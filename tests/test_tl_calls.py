@@ -24,7 +24,7 @@ bridge_module = pytest.importorskip(
     "transformer_lens.model_bridge", reason="transformer-lens is not installed (the `tl` tox env has it)"
 )
 from transformer_lens import evals  # noqa: E402
-from transformer_lens.utilities import test_prompt  # noqa: E402
+from transformer_lens import utilities  # noqa: E402
 
 #: tiny random models with a word tokenizer that adds no BOS (TL prepends one), and the shipped trained
 #: checkpoints with theirs (it adds one)
@@ -162,9 +162,9 @@ def test_test_prompt_as_the_bridge(pair, capsys):
     """test_prompt calls ``model(tokens)`` for the logits: a TL call once tl_calls is on."""
     prompt, answer = " ".join(pair.words[:-1]), pair.words[-1]
     with pair.model.tl_calls(), torch.no_grad():
-        test_prompt(prompt, answer, pair.model, prepend_space_to_answer=False, top_k=3)
+        utilities.test_prompt(prompt, answer, pair.model, prepend_space_to_answer=False, top_k=3)
     ours = capsys.readouterr().out
     with torch.no_grad():
-        test_prompt(prompt, answer, pair.bridge, prepend_space_to_answer=False, top_k=3)
+        utilities.test_prompt(prompt, answer, pair.bridge, prepend_space_to_answer=False, top_k=3)
     theirs = capsys.readouterr().out
     assert "Top 0th token" in ours and ours == theirs
