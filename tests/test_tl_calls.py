@@ -31,18 +31,10 @@ from transformer_lens import utilities  # noqa: E402
 ARCHS = ["llama", "qwen2", "trained-llama", "trained-gemma2", "trained-olmo", "trained-smollm3"]
 
 
-def ioi_tokenizer(path):
-    """A word-level tokenizer knowing every word of TL's default IOI dataset (ids below 68: every vocab)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
+def ioi_words():
+    """Every word of TL's default IOI dataset (a word-level tokenizer of them has ids below 68: every vocab)."""
     words = {"John", "Mary", "and", "went", "to", "the", "buy", ".", "handed", "Then", ",", "gave"}
-    words |= {noun for nouns in evals.IOIDataset.get_default_nouns().values() for noun in nouns}
-    vocab = {word: i for i, word in enumerate(["<unk>", "<bos>", "<eos>", "<pad>", *sorted(words)])}
-    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    tok.save_pretrained(path)
-    return transformers.AutoTokenizer.from_pretrained(path)
+    return sorted(words | {noun for nouns in evals.IOIDataset.get_default_nouns().values() for noun in nouns})
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -148,12 +140,13 @@ def test_evals_as_the_bridge(pair, tmp_path):
     rows = [{"tokens": t} for t in b.to_tokens([pair.text] * 4)]
     loader = torch.utils.data.DataLoader(rows, batch_size=2)
     assert evals.evaluate_on_dataset(m, loader, device="cpu") == evals.evaluate_on_dataset(b, loader, device="cpu")
-    dataset = evals.IOIDataset(ioi_tokenizer(tmp_path), num_samples=12, seed=0, symmetric=True)
+    dataset = evals.IOIDataset(word_tokenizer(tmp_path, ioi_words()), num_samples=12, seed=0, symmetric=True)
     results = []
     for model in (m, b):
         torch.manual_seed(0)  # ioi_eval shuffles
         results.append(evals.ioi_eval(model, dataset=dataset, batch_size=4))
     assert results[0].keys() == results[1].keys() == {"Logit Difference", "Accuracy"}
+    assert results[0]["Logit Difference"] != 0
     for key in results[0]:
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-6), key
 
