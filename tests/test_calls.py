@@ -143,6 +143,26 @@ def test_stop_and_start_at_layer(pair):
     assert torch.equal(edited, 2 * resid)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tl_forward_on_every_architecture(arch):
+    """Loss, stop_at_layer and start_at_layer on each drop-in fixture (OpenELM's per-layer heads included)."""
+    require(arch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "tlshim switched")
+        model = tlshim.install(fixture(arch))
+    twin = fixture(arch)
+    ids = tokens() % model.cfg.d_vocab
+    with torch.no_grad():
+        want = twin(ids, use_cache=False).logits
+        logits, cache = model.run_with_cache(ids, names_filter=lambda n: "resid_pre" in n, return_type="logits")
+        assert torch.equal(logits, want)
+        torch.testing.assert_close(model(ids, return_type="loss"), ce(want, ids).mean(), rtol=1e-6, atol=1e-6)
+        last = model.cfg.n_layers - 1
+        resid = model(ids, stop_at_layer=last)
+        assert torch.equal(resid, cache[f"blocks.{last}.hook_resid_pre"])
+        assert torch.equal(model(resid, start_at_layer=last), want)
+
+
 def test_backward_recipe(pair):
     """TL's run_with_cache(..., return_type="loss", incl_bwd=True): the loss's gradient at each hook."""
     model, twin = pair
