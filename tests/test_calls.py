@@ -113,7 +113,7 @@ def test_text_batches_pad_as_tl(pair):
     torch.testing.assert_close(left[0, -4:], twin(model.to_tokens(short)).logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(left[1], twin(model.to_tokens(long)).logits[0], rtol=1e-5, atol=1e-5)
     # the loss of a left-padded batch leaves the pads out (TransformerLens's masked mean)
-    ids, mask = model.to_tokens([short, long], padding_side="left"), None
+    ids = model.to_tokens([short, long], padding_side="left")
     mask = (ids != model.tokenizer.pad_token_id).long()
     loss = model([short, long], padding_side="left", return_type="loss", loss_per_token=True)
     assert torch.equal(loss[0, :2], torch.zeros(2)) and loss[0, 2] > 0
@@ -208,7 +208,8 @@ def test_token_helpers_known_answers(pair):
     assert model.to_tokens("cat dog", prepend_bos=False).tolist() == [[cat, dog]]
     assert model.to_tokens(["cat", "cat dog"]).tolist() == [[bos, cat, pad], [bos, cat, dog]]
     assert model.to_tokens(["cat", "cat dog"], padding_side="left", prepend_bos=False).tolist() == [[pad, cat], [cat, dog]]
-    assert model.to_tokens("cat " * 40, truncate=True).shape[1] == cfg.n_ctx if cfg.n_ctx < 41 else True
+    long = "cat " * (cfg.n_ctx + 5)
+    assert model.to_tokens(long).shape[1] == cfg.n_ctx and model.to_tokens(long, truncate=False).shape[1] == cfg.n_ctx + 6
     assert model.to_str_tokens("cat dog") == ["<bos>", "cat", "dog"]
     assert model.to_str_tokens("cat dog", prepend_bos=False) == ["cat", "dog"]
     assert model.to_str_tokens(["cat", "dog fox"]) == [["<bos>", "cat"], ["<bos>", "dog", "fox"]]
