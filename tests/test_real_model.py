@@ -46,7 +46,7 @@ def report(model, tmp_path_factory):
 
 
 def test_the_capital_of_france_is_paris(model):
-    tokens = model.to_tokens("The capital of France is")
+    tokens = model.to_tokens("The capital of France is", prepend_bos=False)  # as the report: SmolLM2's tokenizer adds no BOS
     with torch.no_grad():
         probs = model(tokens).logits[0, -1].softmax(-1)
     assert model.to_string(probs.argmax()) == " Paris"
@@ -94,7 +94,7 @@ def test_ioi_patching(model, report):
     # one head moves the name: measured L23H3 0.578
     assert pt.heads.max() > 0.4
     # and the last layer's output at the final position restores it fully, bit for bit
-    clean, corrupt = (model.to_tokens(text) for text in (real_demo.IOI_CLEAN, real_demo.IOI_CORRUPT))
+    clean, corrupt = (model.to_tokens(text, prepend_bos=False) for text in (real_demo.IOI_CLEAN, real_demo.IOI_CORRUPT))
     name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(clean, names_filter=name)

@@ -40,11 +40,13 @@ def make(arch):
     return build(arch)
 
 
-def word_tokenizer(path):
-    """A word-level tokenizer, saved to ``path`` and reloaded (the bridge reads its path; nothing is fetched)."""
+def word_tokenizer(path, words=None):
+    """A word-level tokenizer, saved to ``path`` and reloaded (the bridge reads its path; nothing is fetched).
+    Its words: "t0" ... (t1 BOS, t2 EOS, t0 pad and unknown), or ``words`` after those three."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    inner = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    vocab = {f"t{i}": i for i in range(VOCAB)} if words is None else {w: i for i, w in enumerate(["t0", "t1", "t2", *words])}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0")
     tok.save_pretrained(path)

@@ -13,7 +13,8 @@ import torch
 
 
 def _ids(model, text):
-    return model.to_tokens(text) if isinstance(text, str) else text
+    # the tokenizer's own BOS convention (TransformerLens's default would add one where it adds none)
+    return model.to_tokens(text, prepend_bos=model.cfg.tokenizer_prepends_bos) if isinstance(text, str) else text
 
 
 def next_token_loss(logits, tokens):
@@ -178,13 +179,13 @@ def steering_vector(model, layer, plus, minus):
     """ActAdd: the difference of blocks.{layer}.hook_resid_post between two prompts, at their last position."""
     name = f"blocks.{layer}.hook_resid_post"
     with torch.no_grad():
-        ends = [model.run_with_cache(text, names_filter=name)[1][name][0, -1] for text in (plus, minus)]
+        ends = [model.run_with_cache(_ids(model, text), names_filter=name)[1][name][0, -1] for text in (plus, minus)]
     return ends[0] - ends[1]
 
 
 def generate(model, prompt, max_new_tokens, fwd_hooks=()):
     """Greedy continuation of ``prompt`` (text), with ``fwd_hooks`` firing at every step."""
-    tokens = model.to_tokens(prompt)
+    tokens = _ids(model, prompt)
     with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         out = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False)
     return model.to_string(out[0, tokens.shape[1]:])

@@ -14,6 +14,7 @@ from .activation_cache import ActivationCache
 from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
 from .tl_analysis import AnalysisAPI
+from .tl_calls import TLCalls, outside_run, overrides, run
 
 
 def default_filter(name):
@@ -57,7 +58,10 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI(AnalysisAPI):
+class ModelAPI(TLCalls, AnalysisAPI):
+    #: set on the per-instance class itself, ahead of the HF base class (TL calls beside HF's)
+    _tlshim_overrides = staticmethod(overrides)
+
     def __copy__(self):
         raise TypeError(
             "copy.copy of a model with tlshim installed would share its modules, hook points and tlshim's "
@@ -164,39 +168,40 @@ class ModelAPI(AnalysisAPI):
     # -- running ---------------------------------------------------------------------------------
 
     def _forward(self, input, hf_kwargs):
-        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
-            encoded = self._tokenizer_or_raise()(input if isinstance(input, list) else [input], return_tensors="pt", padding=True)
-            input = encoded["input_ids"].to(self.device)
-            if "attention_mask" not in hf_kwargs and not bool(encoded["attention_mask"].all()):
-                hf_kwargs = {**hf_kwargs, "attention_mask": encoded["attention_mask"].to(self.device)}
         mask = hf_kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and hf_kwargs.get("position_ids") is None and not _has_cache(hf_kwargs):
             # left padding: number each row's real tokens from 0 (as generate does), so every real
             # position gets the activations of that sequence run alone
             hf_kwargs = {**hf_kwargs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
-        return self(input_ids=input, **hf_kwargs)
+        key = "inputs_embeds" if torch.is_tensor(input) and input.is_floating_point() else "input_ids"
+        return self(**{key: input}, **hf_kwargs)
 
-    def run_with_hooks(self, input, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False, **hf_kwargs):
-        """Run the HF forward with hooks active; returns the logits.
+    def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False, **model_kwargs):
+        """Run the forward with hooks active; returns what TransformerLens's forward returns (the logits
+        by default; ``return_type``, ``stop_at_layer`` etc. as in ``model(...)`` with TL arguments).
 
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", ablate)])
         """
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
-            return self._forward(input, hf_kwargs).logits
+            return run(self, model_args, model_kwargs)[0]
 
-    def run_with_cache(self, input, names_filter=None, device=None, remove_batch_dim=False, incl_bwd=False, **hf_kwargs):
+    def run_with_cache(self, *model_args, names_filter=None, device=None, remove_batch_dim=False, incl_bwd=False, **model_kwargs):
         """Run the HF forward and keep the activations named by ``names_filter``.
 
         By default every name except ``hook_result``, which (as in TransformerLens without
         use_attn_result) is computed only when asked for by name or filter; ``cache.stack_head_results``
         computes it from hook_z when it is missing. Cached tensors are the activations themselves,
-        detached (attached with ``incl_bwd=True``, which backpropagates the HF loss, so pass
-        ``labels=``, and adds ``<name>_grad`` entries).
+        detached (attached with ``incl_bwd=True``, which backpropagates the loss, TransformerLens's with
+        ``return_type="loss"`` or HF's with ``labels=``, and adds ``<name>_grad`` entries). Returns
+        (what ``model(...)`` with TL arguments returns, the logits by default; the cache).
 
         >>> logits, cache = model.run_with_cache("a b c a b", names_filter=lambda n: "pattern" in n)
         >>> cache["pattern", 0].shape
         """
         names = [point.name for point in self._points(default_filter if names_filter is None else names_filter)]
+        start, stop = model_kwargs.get("start_at_layer"), model_kwargs.get("stop_at_layer")
+        if start is not None or stop is not None:  # as TransformerLens: blocks it does not run are not in the cache
+            names = [name for name in names if not outside_run(name, start, stop, self.cfg.n_layers)]
         store: dict = {}
 
         def keep(key, keep_graph):
@@ -209,15 +214,17 @@ class ModelAPI(AnalysisAPI):
         fwd = [(name, keep(str, incl_bwd)) for name in names]
         bwd = [(name, keep(lambda n: n + "_grad", False)) for name in names] if incl_bwd else []
         with self.hooks(fwd, bwd):
-            out = self._forward(input, hf_kwargs)
+            value, out = run(self, model_args, model_kwargs)
             if incl_bwd:
-                if getattr(out, "loss", None) is None:
-                    raise ValueError("run_with_cache(incl_bwd=True) backpropagates the HF loss: pass labels=...")
-                out.loss.backward()
+                loss = value if torch.is_tensor(value) and value.dim() == 0 else getattr(out, "loss", None)
+                if loss is None:
+                    raise ValueError("run_with_cache(incl_bwd=True) backpropagates a loss: pass return_type='loss' "
+                                     "(TransformerLens's) or labels=... (HF's)")
+                loss.backward()
         cache = ActivationCache(store, self)
         if remove_batch_dim:
             cache.remove_batch_dim()
-        return out.logits, cache
+        return value, cache
 
     # -- tokens ----------------------------------------------------------------------------------
 
@@ -225,24 +232,3 @@ class ModelAPI(AnalysisAPI):
         if self._tlshim.tokenizer is None:
             raise ValueError("this model was installed without a tokenizer: tlshim.install(model, tokenizer=tok)")
         return self._tlshim.tokenizer
-
-    def to_tokens(self, input, padding_side=None, move_to_device=True):
-        """Token ids of a string or list of strings, as the tokenizer makes them (BOS as it adds it)."""
-        tokenizer = self._tokenizer_or_raise()
-        kwargs = {"padding_side": padding_side} if padding_side else {}
-        tokens = tokenizer(input if isinstance(input, list) else [input], return_tensors="pt", padding=True, **kwargs)["input_ids"]
-        return tokens.to(self.device) if move_to_device else tokens
-
-    def to_string(self, tokens):
-        tokenizer = self._tokenizer_or_raise()
-        if torch.is_tensor(tokens) and tokens.dim() > 1:
-            return tokenizer.batch_decode(tokens)
-        return tokenizer.decode(tokens)
-
-    def to_str_tokens(self, input):
-        tokenizer = self._tokenizer_or_raise()
-        if isinstance(input, str):
-            input = self.to_tokens(input)[0]
-        if torch.is_tensor(input):
-            input = input.squeeze(0).tolist() if input.dim() > 1 else input.tolist()
-        return [tokenizer.decode([token]) for token in input]

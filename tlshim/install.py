@@ -15,6 +15,7 @@ from .hook_points import foreign_hooks, remove_all
 from .journal import ClassSwap, DictEntry, apply_all, undo_all
 from .layout import plan_install
 from .registry import spec_for
+from .tl_calls import tokenizer_fields
 from .tl_config import TLConfig
 
 STATE = "_tlshim"
@@ -46,7 +47,10 @@ def hf_model(model):
 
 
 #: install's keyword options and what each does
-OPTIONS = {"keep_attn_implementation": "Gemma2: keep sdpa attention instead of switching to eager"}
+OPTIONS = {
+    "keep_attn_implementation": "Gemma2: keep sdpa attention instead of switching to eager",
+    "tl_calls": "model(tokens) and model.generate(tokens) with a positional input follow TransformerLens",
+}
 
 
 def check_install_args(model, tokenizer, options):
@@ -98,6 +102,7 @@ def install(model, tokenizer=None, **options):
     cfg = _tl_config(model, spec, tokenizer)
     check_config(model, spec, cfg)
     state = InstallState(spec, plan.hook_dict, cfg, tokenizer, records)
+    state.tl_calls = bool(options.get("tl_calls", False))
     records.append(DictEntry(model, STATE, state, "model"))
     register_kernel()
     apply_all(records)
@@ -155,5 +160,6 @@ def _tl_config(model, spec, tokenizer):
         original_architecture=architectures[0],
         model_name=getattr(config, "_name_or_path", "") or "",
         tokenizer_name=getattr(tokenizer, "name_or_path", None),
+        **tokenizer_fields(tokenizer, getattr(config, "model_type", None)),
         _model_ref=model,
     )

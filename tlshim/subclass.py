@@ -16,6 +16,8 @@ def patched_class(base: type, mixin: type, spec) -> type:
         "_tlshim_mixin": mixin,
         "_tlshim_spec": spec,
     }
+    if hasattr(mixin, "_tlshim_overrides"):  # methods that must come before the base class's (ModelAPI's __call__)
+        namespace.update(mixin._tlshim_overrides(base))
     return type(base.__name__, (base, mixin), namespace)
 
 

@@ -45,6 +45,9 @@ class TLConfig:
     model_name: str = ""
     tokenizer_name: str | None = None
     default_prepend_bos: bool = True
+    tokenizer_prepends_bos: bool = False
+    tokenizer_appends_eos: bool = False
+    default_padding_side: str = "right"
     attn_only: bool = False
     parallel_attn_mlp: bool = False
     use_attn_scale: bool = True
