@@ -461,4 +461,6 @@ def _embedding_scaled(flow) -> bool:
         values = ratio[embedding != 0]
         if values.numel() and torch.allclose(values, values.flatten()[0].expand_as(values), rtol=1e-3):
             return True
-    raise UnsupportedModelError("the first block's input is not the token embedding (absolute positions or another addition)")
+    raise UnsupportedModelError(
+        "the first block's input is not the token embedding (absolute positions, a norm of the embedding, or another addition)"
+    )
