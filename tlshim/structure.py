@@ -66,9 +66,9 @@ def derive_spec(model) -> ArchSpec:
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
     gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
     qk_norm = next((pair for pair in QK_NORMS if all(_looks_like_norm(getattr(attn, n, None)) for n in pair)), (None, None))
-    _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
     _refuse_unserved(attn, UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     _refuse_unserved(mlp, UNSERVED_MLP, f"{layers_path}.0.{mlp_name}")
+    _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
     flow = _probe(model, layer, {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
