@@ -38,6 +38,7 @@ FIELDS = {
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},
     "mamba2": {"num_heads": 8},  # expand * hidden_size = heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "exaone4": {"pad_token_id": None},  # 5.0.0 reads it without defining it
 }
 #: the types that cannot run a forward on input_ids alone (TESTING.md), with the reason
 NOT_RUNNABLE = {
