@@ -25,8 +25,20 @@ SIZES = {
     **dict.fromkeys(("num_experts_per_tok", "top_k", "moe_topk", "num_selected_experts"), 2),
     **dict.fromkeys(("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "attention_head_size"), 16),
     **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 32),
+    **dict.fromkeys(("global_head_dim",), 16),
+    **dict.fromkeys(("n_group", "topk_group"), 1),
+    **dict.fromkeys(("num_kv_shared_layers",), 0),
     **dict.fromkeys(("vocab_size",), VOCAB),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length"), 128),
+}
+#: size fields a config may hold as None where its model needs a number
+FILL_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok")
+#: config fields a type needs to run as a causal LM at all
+FIELDS = {
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},
+    "mamba2": {"num_heads": 8},  # expand * hidden_size = heads * head_dim
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "exaone4": {"pad_token_id": None},  # 5.0.0 reads it without defining it
 }
 #: the types that cannot run a forward on input_ids alone (TESTING.md), with the reason
 NOT_RUNNABLE = {
@@ -40,25 +52,47 @@ NOT_RUNNABLE = {
 
 def tiny_config(model_type: str):
     config = AutoConfig.for_model(model_type)
+    # the sizes go in as arguments, so that the fields a config derives from them (a Mamba head size, an
+    # MLA query width, Gemma 4's per-layer table) follow; a config that refuses them is shrunk as it is
+    given = {name: value for name, value in SIZES.items() if _is_int(_field(config, name))}
+    try:
+        config = AutoConfig.for_model(model_type, **{**given, **FIELDS.get(model_type, {})})
+    except Exception:
+        pass
     for sub in [config, *(getattr(config, name) for name in ("text_config", "attn_config", "ffn_config") if hasattr(config, name))]:
         _shrink(sub)
+    for name, value in FIELDS.get(model_type, {}).items():  # over what _shrink set
+        setattr(config, name, value)
     return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(config, name, missing=None):
+    """config.name, or ``missing`` where it has none or it is a per-layer field (refusing a global read)."""
+    try:
+        return getattr(config, name)
+    except Exception:
+        return missing
 
 
 def _shrink(config):
     for name, value in SIZES.items():
-        current = getattr(config, name, None)
-        if isinstance(current, int) and not isinstance(current, bool):
+        current = _field(config, name, missing=False)
+        if _is_int(current) or (current is None and name in FILL_NONE):
             try:
                 setattr(config, name, value)
             except Exception:
                 pass
     for name in list(vars(config)):
-        value = getattr(config, name, None)
+        value = vars(config).get(name)
         if name.endswith("_token_id") and isinstance(value, int) and value >= VOCAB:
             setattr(config, name, VOCAB - 1)
     layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and layer_types:
+    # (a per-layer table, Gemma 4's, was made for the layer types the config derived itself)
+    if isinstance(layer_types, list) and layer_types and not hasattr(config, "per_layer_config"):
         kinds = list(dict.fromkeys(layer_types))
         attention = [k for k in kinds if "attention" in str(k)]
         other = [k for k in kinds if k not in attention]
@@ -67,8 +101,8 @@ def _shrink(config):
             config.layer_types = wanted
         except AttributeError:  # derived from another field (a read-only property)
             pass
-    if getattr(config, "kv_lora_rank", None) and hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = config.num_attention_heads  # MLA: as many KV heads as heads
+    if vars(config).get("kv_lora_rank") and "num_key_value_heads" in vars(config):
+        config.num_key_value_heads = vars(config).get("num_attention_heads", D_MODEL // 16)  # MLA: as many KV heads as heads
     if hasattr(config, "rope_theta") and getattr(config, "rope_theta", 0) is None:
         config.rope_theta = 10000.0
     if hasattr(config, "initializer_range"):

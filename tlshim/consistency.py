@@ -20,7 +20,7 @@ def check_config(model, spec, cfg):
     def compare(field, said, found, where):
         if said is not None and said != found:
             hf = _HF_FIELDS.get(field)
-            name = f"config.{hf} (cfg.{field})" if hf and hasattr(model.config, hf) else f"cfg.{field}"
+            name = f"config.{hf} (cfg.{field})" if hf and _has(model.config, hf) else f"cfg.{field}"
             problems.append(f"{name} is {said} but {where} has {found}")
 
     layers = get_path(model, spec.layers)
@@ -44,6 +44,14 @@ def check_config(model, spec, cfg):
             "the model's config contradicts its modules, so tlshim would split heads and read sizes wrongly: "
             + "; ".join(dict.fromkeys(problems)) + ". Restore the config the weights were built with"
         )
+
+
+def _has(config, name) -> bool:
+    try:  # a per-layer field of a heterogeneous config (Gemma 4) refuses a global read
+        getattr(config, name)
+        return True
+    except Exception:
+        return False
 
 
 def _at(value, i):

@@ -3,10 +3,12 @@
 What the names of modules say is only a first guess (the tables below are data); every role is
 then checked on one short probing forward that stops after the first block: which norm reads the
 block input, which feeds the MLP, which one follows attention or the MLP (a post-norm), whether
-the residual adds up, what the norm computes (RMS, Gemma's (1 + w), LayerNorm) and whether the
-embedding output enters the first block as it is or scaled. A model whose blocks are not all
-sequential pre-norm blocks with q/k/v/o projections (separate, or fused with all q heads, then k,
-then v) and a dense MLP raises UnsupportedModelError naming the part that did not fit.
+the residual adds up, what the norm computes (RMS, Gemma's (1 + w), LayerNorm, weight-free RMS),
+what the q/k norms see (one head, heads first, or the whole projection) and whether the embedding
+output enters the first block as it is or scaled. A model whose blocks are not all sequential
+pre-norm (or post-norm-only, OLMo2) blocks with q/k/v/o projections (separate, or fused with all q
+heads, then k, then v) and a dense MLP raises UnsupportedModelError naming the part that did not fit;
+so does one with a part its hooks cannot serve (UNSERVED_ATTENTION, UNSERVED_MLP).
 ``tlshim.verify`` then checks every hook on a whole forward.
 """
 
@@ -495,4 +497,6 @@ def _embedding_scaled(flow) -> bool:
         values = ratio[embedding != 0]
         if values.numel() and torch.allclose(values, values.flatten()[0].expand_as(values), rtol=1e-3):
             return True
-    raise UnsupportedModelError("the first block's input is not the token embedding (absolute positions or another addition)")
+    raise UnsupportedModelError(
+        "the first block's input is not the token embedding (absolute positions, a norm of the embedding, or another addition)"
+    )
