@@ -49,6 +49,8 @@ class TLConfig:
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.rotary_dim is None and self.positional_embedding_type == "rotary":
+            self.rotary_dim = self.d_head  # a spec that does not say: rotary over the whole head
         # held weakly: the config lives on the model, and a cycle would keep the model alive past ``del``
         if self._model_ref is not None and not isinstance(self._model_ref, weakref.ref):
             self._model_ref = weakref.ref(self._model_ref)
