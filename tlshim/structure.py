@@ -36,8 +36,8 @@ PROJECTIONS = (
     ("q_proj", "k_proj", "v_proj", "dense"),
 )
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
-#: (GPT-NeoX's and Falcon's query_key_value is grouped per key/value head: family_parallel.GROUPED_QKV)
-FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("query_key_value", "dense"))
+#: (then those whose heads come in groups: family_parallel.GROUPED_QKV)
+FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), *parallel.GROUPED_QKV)
 #: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
 FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
@@ -84,7 +84,7 @@ def derive_spec(model) -> ArchSpec:
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, roles["ln1"]), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
-    grouped = q == k and q in parallel.GROUPED_QKV
+    grouped = parallel.GROUPED_QKV.get((q, o)) if q == k else None
     return ArchSpec(
         versions="",
         layers=layers_path,
@@ -112,7 +112,7 @@ def derive_spec(model) -> ArchSpec:
         norm=norm_kind,
         head_counts=structural_head_counts,
         parallel=roles.get("parallel", False),
-        qkv_grouped=grouped,
+        qkv_groups=grouped,
         linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
