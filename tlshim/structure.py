@@ -110,7 +110,7 @@ def derive_spec(model) -> ArchSpec:
         up_proj=up,
         down_proj=down,
         norm=norm_kind,
-        head_counts=structural_head_counts,
+        head_counts=functools.partial(_same_counts, structural_head_counts(attn, model.config)),
         parallel=roles.get("parallel", False),
         qkv_groups=grouped,
         linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
@@ -140,6 +140,12 @@ def structural_head_counts(attn, config):
     fused = getattr(attn, _names(attn, FUSED_QKV, None, None)[0]).out_features // d_head
     n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads")
     return n_heads, (fused - n_heads) // 2, d_head
+
+
+def _same_counts(counts, attn, config):
+    """The head counts of every block (the structural path requires them equal), read once from the model's
+    config: an attention module need not carry the config (CodeGen before 5.x)."""
+    return counts
 
 
 def _head_dim(attn, config):
@@ -260,11 +266,11 @@ def _uses_attention_registry(attn) -> bool:
 
 def _check_inline_attention(model, layer, attn, where):
     """Attention outside the registry is served from its ops (inline_attention.py): it must take a
-    query-key product and a softmax (or call sdpa), and carry its config (head sizes)."""
-    if not hasattr(attn, "config") or not inline_attention.computes_attention(attn, lambda: _probe(model, layer)):
+    query-key product and a softmax (or call sdpa)."""
+    if not inline_attention.computes_attention(attn, lambda: _probe(model, layer)):
         raise UnsupportedModelError(
             f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
-            "softmax(q @ k^T) or sdpa itself with a config on the module, so hook_rot_q / hook_attn_scores cannot be served"
+            "softmax(q @ k^T) or sdpa itself, so hook_rot_q / hook_attn_scores cannot be served"
         )
 
 
@@ -386,6 +392,8 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
     def norm_feeding(tensor):
         return next((n for n in norms_seen if _same(flow.outputs[n], tensor)), None)
 
+    if not all(isinstance(flow.outputs.get(name), torch.Tensor) for name in (attn_name, mlp_name)):
+        raise UnsupportedModelError(f"{where}: the attention or the MLP does not return its output tensor first")
     roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_name])}
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"] or _same(flow.inputs.get(roles["ln2"]), x):
         found = parallel.parallel_roles(flow, attn_name, mlp_name, norm_feeding, _close)
