@@ -127,7 +127,8 @@ def describe(spec) -> str:
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
     return (
         f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
-        f"MLP {spec.mlp} {mlp}, norms {spec.ln1} / {spec.ln2}{post} ({spec.norm.tl_type}), final norm {spec.final_norm}"
+        f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
+        f"({spec.norm.tl_type}), final norm {spec.final_norm}"
     )
 
 
