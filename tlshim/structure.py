@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from . import family_parallel as parallel
-from . import norms
+from . import inline_attention, norms
 from .attention import AttnSite
 from .errors import UnsupportedModelError
-from . import inline_attention
 from .inline_attention import InlineAttnSite
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
