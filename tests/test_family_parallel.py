@@ -27,6 +27,8 @@ CASES = [
     ("cohere2", {}, True),
     ("stablelm", {"use_parallel_residual": True}, True),
     ("stablelm", {}, False),
+    ("codegen", {}, True),  # qkv_proj: 4 groups (mp_num) of q, v, k heads
+    ("codegen", {"n_head": 8, "rotary_dim": 4}, True),
 ]
 
 
@@ -94,7 +96,9 @@ def _v_of_head0(model_type, fields, d_head, n_heads, n_kv):
 
     def hook(module, args, out):
         out = out.clone()
-        if model_type == "gpt_neox" or not fields.get("multi_query", True):  # (heads, 3, d_head)
+        if model_type == "codegen":  # (4, q heads of the group, then v heads, then k heads)
+            out.view(*out.shape[:-1], 4, 3, n_heads // 4, d_head)[..., 0, 1, 0, :] = 0
+        elif model_type == "gpt_neox" or not fields.get("multi_query", True):  # (heads, 3, d_head)
             out.view(*out.shape[:-1], n_heads, 3, d_head)[..., 0, 2, :] = 0
         elif fields.get("new_decoder_architecture"):  # (kv groups, q per group + 2, d_head)
             out.view(*out.shape[:-1], n_kv, n_heads // n_kv + 2, d_head)[..., 0, -1, :] = 0
@@ -106,7 +110,14 @@ def _v_of_head0(model_type, fields, d_head, n_heads, n_kv):
 
 
 @pytest.mark.parametrize(
-    "model_type, fields", [("gpt_neox", {}), ("falcon", {}), ("falcon", {"multi_query": False, "num_kv_heads": 4}), ("falcon", {"new_decoder_architecture": True})]
+    "model_type, fields",
+    [
+        ("gpt_neox", {}),
+        ("falcon", {}),
+        ("falcon", {"multi_query": False, "num_kv_heads": 4}),
+        ("falcon", {"new_decoder_architecture": True}),
+        ("codegen", {"n_head": 8, "rotary_dim": 4}),
+    ],
 )
 def test_an_edit_of_hook_v_equals_editing_its_slice_of_the_fused_output(model_type, fields):
     model, twin = _pair(model_type, fields)
@@ -128,7 +139,7 @@ def test_an_edit_of_hook_v_equals_editing_its_slice_of_the_fused_output(model_ty
     assert torch.equal(edited, by_hand)
 
 
-@pytest.mark.parametrize("model_type, fields", [("gpt_neox", {}), ("falcon", {"new_decoder_architecture": True}), ("phi", {})])
+@pytest.mark.parametrize("model_type, fields", [("gpt_neox", {}), ("falcon", {"new_decoder_architecture": True}), ("phi", {}), ("codegen", {"n_head": 8, "rotary_dim": 4})])
 def test_w_q_w_k_w_v_are_the_slices_hook_q_k_v_come_from(model_type, fields):
     model, _ = _pair(model_type, fields)
     _, cache = model.run_with_cache(tokens(), use_cache=False)
@@ -142,7 +153,7 @@ def test_w_q_w_k_w_v_are_the_slices_hook_q_k_v_come_from(model_type, fields):
 
 @pytest.mark.parametrize(
     "model_type, fields, rotary_dim",
-    [("gpt_neox", {}, 4), ("gptj", {"rotary_dim": 8}, 8), ("phi", {}, 8), ("stablelm", {}, 4), ("falcon", {}, 16)],
+    [("gpt_neox", {}, 4), ("gptj", {"rotary_dim": 8}, 8), ("phi", {}, 8), ("stablelm", {}, 4), ("falcon", {}, 16), ("codegen", {"rotary_dim": 4}, 4)],
 )
 def test_rotary_acts_on_the_first_rotary_dim_dims_only(model_type, fields, rotary_dim):
     """Known answers: rotary_pct 0.25 (NeoX), rotary_dim (GPT-J), partial_rotary_factor 0.5 (Phi) and 0.25

@@ -105,6 +105,8 @@ def _shrink(config):
         config.num_key_value_heads = vars(config).get("num_attention_heads", D_MODEL // 16)  # MLA: as many KV heads as heads
     if hasattr(config, "rope_theta") and getattr(config, "rope_theta", 0) is None:
         config.rope_theta = 10000.0
+    if not hasattr(config, "pad_token_id"):  # transformers 5.0's Phi and StableLM read it without defining it
+        config.pad_token_id = None
     if hasattr(config, "initializer_range"):
         config.initializer_range = 2 / D_MODEL**0.5
 

@@ -5,9 +5,10 @@ configured) feeds attention and MLP from the block input, through one shared nor
 and returns input + attention output + MLP output: there is no resid_mid. With one shared norm,
 ``ln2`` is that same module and its hook points fire on the same values as ``ln1``'s.
 
-GPT-NeoX's and Falcon's ``query_key_value`` hold, per key/value head, that head's query heads, then
-its key, then its value (GPT-NeoX: one q per group, so q, k, v interleave per head; Falcon multi-query:
-one group, so all q, then k, then v): hook_q / hook_k / hook_v fire on those slices.
+Grouped fused projections: GPT-NeoX's and Falcon's ``query_key_value`` hold, per key/value head,
+that head's query heads, then its key, then its value (GPT-NeoX: one q per group, so q, k, v
+interleave per head; Falcon multi-query: one group, so all q, then k, then v); CodeGen's ``qkv_proj``
+holds 4 groups (its mp_num) of q, v, k heads. hook_q / hook_k / hook_v fire on those slices.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from .hook_points import HookPoint
 from .sites import MlpOutSite, NormSite, Site, fire_points
 from .spec import linear_params
 
-#: fused q/k/v projections laid out per key/value group (q heads of the group, then k, then v)
-GROUPED_QKV = ("query_key_value",)
+#: (fused qkv, o) names -> fn(n_heads, n_kv) -> (groups, ((role, heads of that role per group), ...))
+GROUPED_QKV = {
+    ("query_key_value", "dense"): lambda h, kv: (kv, (("q", h // kv), ("k", 1), ("v", 1))),
+    ("qkv_proj", "out_proj"): lambda h, kv: (4, (("q", h // 4), ("v", h // 4), ("k", h // 4))),  # CodeGen, mp_num 4
+}
 
 
 def parallel_roles(flow, attn_name, mlp_name, feeding, close) -> dict | None:
@@ -87,31 +91,39 @@ class CopyOutSite(MlpOutSite):
         return super().on_output(y).clone()
 
 
-def plan_grouped_qkv(plan, path, entries, block, owner):
+def _slices(groups):
+    """{role: slice of the heads within one group} and the heads per group, of a layout (groups, order)."""
+    out, start = {}, 0
+    for role, count in groups[1]:
+        out[role], start = slice(start, start + count), start + count
+    return out, start
+
+
+def plan_grouped_qkv(plan, path, entries, block, owner, n_heads, n_kv):
     """hook_q / hook_k / hook_v on a grouped fused projection (entries: (attribute, n_heads) in q, k, v order)."""
-    (q_attr, n_heads), (k_attr, n_kv), (v_attr, _) = entries
-    site = plan.site(path, GroupedQkvSite, n_kv, n_heads // n_kv)
-    for attr in (q_attr, k_attr, v_attr):
+    site = plan.site(path, GroupedQkvSite, plan.spec.qkv_groups(n_heads, n_kv))
+    for role, (attr, _) in zip("qkv", entries):
+        site.roles.append(role)
         site.out_points.append((plan.point(f"{block}.attn.{attr}", owner, attr, site), None))
 
 
 class GroupedQkvSite(Site):
-    """A fused projection whose output is (..., groups, q_per_group + 2, d_head): out_points are q, k, v,
-    each fired as (..., heads, d_head); an edit is put back into its slice of the output."""
+    """A fused projection whose output is (..., groups, heads per group, d_head), each group holding its
+    q, k and v heads in the layout's order: out_points (in ``roles`` order) fire each role's heads as
+    (..., heads, d_head); an edit is put back into its slices of the output."""
 
-    def __init__(self, module, path, groups, q_per_group):
+    def __init__(self, module, path, groups):
         super().__init__(module, path)
-        self.groups, self.q_per_group = groups, q_per_group
+        self.groups, self.roles = groups, []
+        self.slices, self.per_group = _slices(groups)
 
     def on_output(self, y):
-        g, r = self.groups, self.q_per_group
-        grouped = y.view(*y.shape[:-1], g, r + 2, -1)
-        parts = [grouped[..., :r, :].flatten(-3, -2), grouped[..., r, :], grouped[..., r + 1, :]]
-        fired = [fire_points([entry], part) for entry, part in zip(self.out_points, parts)]
-        if all(a is b for a, b in zip(fired, parts)):
+        grouped = y.view(*y.shape[:-1], self.groups[0], self.per_group, -1)
+        parts = {role: grouped[..., self.slices[role], :].flatten(-3, -2) for role in self.roles}
+        fired = {role: fire_points([entry], parts[role]) for role, entry in zip(self.roles, self.out_points)}
+        if all(fired[role] is parts[role] for role in self.roles):
             return y
-        q, k, v = fired
-        rows = [q.unflatten(-2, (g, r)), k.unsqueeze(-2), v.unsqueeze(-2)]
+        rows = [fired[role].unflatten(-2, (self.groups[0], -1)) for role, _ in self.groups[1]]
         return torch.cat(rows, dim=-2).reshape(y.shape)
 
 
@@ -121,10 +133,10 @@ def grouped_qkv_params(spec, attn, role):
     if role == "o":
         return weight, bias
     n_heads, n_kv, d_head = spec.head_counts(attn, getattr(attn, "config", None))
-    r = n_heads // n_kv
-    rows = {"q": slice(0, r), "k": slice(r, r + 1), "v": slice(r + 1, r + 2)}[role]
+    groups = spec.qkv_groups(n_heads, n_kv)
+    slices, per_group = _slices(groups)
 
     def pick(t):
-        return None if t is None else t.view(n_kv, r + 2, d_head, *t.shape[1:])[:, rows].flatten(0, 2)
+        return None if t is None else t.view(groups[0], per_group, d_head, *t.shape[1:])[:, slices[role]].flatten(0, 2)
 
     return pick(weight), pick(bias)

@@ -210,8 +210,8 @@ def _plan_projections(plan, points, base, block, owner, prefix):
             site = plan.site(path, spec.qkv_site, plan.model.config) if own_site else plan.site(path)
             site.out_points.append((plan.point(f"{block}.{prefix}.{attr}", owner, attr, site), n_heads))
             continue
-        if prefix == "attn" and plan.spec.qkv_grouped:
-            parallel.plan_grouped_qkv(plan, path, entries, block, owner)
+        if prefix == "attn" and plan.spec.qkv_groups:
+            parallel.plan_grouped_qkv(plan, path, entries, block, owner, entries[0][1], entries[1][1])
             continue
         site = plan.site(path, SplitSite)
         width, units = plan.module(path).out_features, sum(n or 1 for _, n in entries)

@@ -120,8 +120,9 @@ class ArchSpec:
     norm: norms.Norm = norms.RMS
     #: attention and MLP both read the block input (no resid_mid); ln2 == ln1 where they share one norm
     parallel: bool = False
-    #: the fused q/k/v projection is laid out per key/value group (family_parallel.GroupedQkvSite)
-    qkv_grouped: bool = False
+    #: fn(n_heads, n_kv) -> (groups, order) of a fused q/k/v projection laid out in groups
+    #: (family_parallel.GroupedQkvSite); None: all q heads, then k, then v
+    qkv_groups: object = None
     #: Site subclass for the q/k/v projections, built as cls(module, path, config); None = plain Site
     qkv_site: type | None = None
     #: Site class of the q/k norms (HeadsFirstSite where they see (batch, heads, pos, d_head))

@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from . import family_parallel as parallel
-from . import norms
+from . import inline_attention, norms
 from .attention import AttnSite
 from .errors import UnsupportedModelError
 from .sites import HeadsFirstSite, Site
-from . import inline_attention
 from .inline_attention import InlineAttnSite
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
@@ -39,8 +38,8 @@ PROJECTIONS = (
     ("q_proj", "k_proj", "v_proj", "dense"),
 )
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
-#: (GPT-NeoX's and Falcon's query_key_value is grouped per key/value head: family_parallel.GROUPED_QKV)
-FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("query_key_value", "dense"))
+#: (then those whose heads come in groups: family_parallel.GROUPED_QKV)
+FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), *parallel.GROUPED_QKV)
 #: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
 FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
@@ -99,7 +98,7 @@ def derive_spec(model) -> ArchSpec:
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
-    grouped = q == k and q in parallel.GROUPED_QKV
+    grouped = parallel.GROUPED_QKV.get((q, o)) if q == k else None
     return ArchSpec(
         versions="",
         layers=layers_path,
@@ -127,9 +126,9 @@ def derive_spec(model) -> ArchSpec:
         up_proj=up,
         down_proj=down,
         norm=norm_kind,
-        head_counts=structural_head_counts,
+        head_counts=functools.partial(_same_counts, structural_head_counts(attn, model.config)),
         parallel=roles.get("parallel", False),
-        qkv_grouped=grouped,
+        qkv_groups=grouped,
         linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
@@ -145,7 +144,8 @@ def describe(spec) -> str:
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
     return (
         f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
-        f"MLP {spec.mlp} {mlp}, norms {spec.ln1} / {spec.ln2}{post} ({spec.norm.tl_type}), final norm {spec.final_norm}"
+        f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
+        f"({spec.norm.tl_type}), final norm {spec.final_norm}"
     )
 
 
@@ -158,6 +158,12 @@ def structural_head_counts(attn, config):
     fused = getattr(attn, _names(attn, FUSED_QKV, None, None)[0]).out_features // d_head
     n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads")
     return n_heads, (fused - n_heads) // 2, d_head
+
+
+def _same_counts(counts, attn, config):
+    """The head counts of every block (the structural path requires them equal), read once from the model's
+    config: an attention module need not carry the config (CodeGen before 5.x)."""
+    return counts
 
 
 def _head_dim(attn, config):
@@ -284,11 +290,11 @@ def _uses_attention_registry(attn) -> bool:
 
 def _check_inline_attention(model, layer, attn, where):
     """Attention outside the registry is served from its ops (inline_attention.py): it must take a
-    query-key product and a softmax (or call sdpa), and carry its config (head sizes)."""
-    if not hasattr(attn, "config") or not inline_attention.computes_attention(attn, lambda: _probe(model, layer, {})):
+    query-key product and a softmax (or call sdpa)."""
+    if not inline_attention.computes_attention(attn, lambda: _probe(model, layer, {})):
         raise UnsupportedModelError(
             f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
-            "softmax(q @ k^T) or sdpa itself with a config on the module, so hook_rot_q / hook_attn_scores cannot be served"
+            "softmax(q @ k^T) or sdpa itself, so hook_rot_q / hook_attn_scores cannot be served"
         )
 
 
@@ -417,6 +423,8 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
     def norm_feeding(tensor):
         return next((n for n in norms_seen if _same(flow.outputs[n], tensor)), None)
 
+    if not all(isinstance(flow.outputs.get(name), torch.Tensor) for name in (attn_name, mlp_name)):
+        raise UnsupportedModelError(f"{where}: the attention or the MLP does not return its output tensor first")
     roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_name])}
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"] or _same(flow.inputs.get(roles["ln2"]), x):
         found = parallel.parallel_roles(flow, attn_name, mlp_name, norm_feeding, _close)

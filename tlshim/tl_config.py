@@ -56,6 +56,8 @@ class TLConfig:
     def __post_init__(self):
         for name in ("n_heads", "n_key_value_heads", "d_mlp"):
             setattr(self, name, per_layer(name, getattr(self, name)))
+        if self.rotary_dim is None and self.positional_embedding_type == "rotary":
+            self.rotary_dim = self.d_head  # a spec that does not say: rotary over the whole head
         # held weakly: the config lives on the model, and a cycle would keep the model alive past ``del``
         if self._model_ref is not None and not isinstance(self._model_ref, weakref.ref):
             self._model_ref = weakref.ref(self._model_ref)

@@ -108,7 +108,7 @@ def _verify(model, input_ids):
         if i + 1 < cfg.n_layers:
             same(f"{b}.hook_resid_post", "equals the next block's hook_resid_pre", cache[f"{b}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"])
         if cfg.parallel_attn_mlp:
-            _parallel_block(cfg, cache, b, same)
+            _parallel_block(cfg, cache, b, same, add)
         else:
             same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
             same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
@@ -147,12 +147,12 @@ def _check_qk_norms(same, cache, b, attn, spec):
         same(name, f"= the {role} norm of hook_{role}", cache[name], want, exact=False)
 
 
-def _parallel_block(cfg, cache, b, same):
+def _parallel_block(cfg, cache, b, same, add):
     """HOOKS.md, parallel blocks: no resid_mid; resid_post = resid_pre + attn_out + mlp_out (the model may
     sum in another order); ln2 of a shared norm holds ln1's values."""
     add_up = cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"] + cache[f"{b}.hook_mlp_out"]
     same(f"{b}.hook_resid_post", "= resid_pre + attn_out + mlp_out", cache[f"{b}.hook_resid_post"], add_up, exact=False)
-    same(f"{b}.hook_resid_mid", "is absent (parallel block)", torch.tensor(f"{b}.hook_resid_mid" in cache), torch.tensor(False))
+    add(Finding(f"{b}.hook_resid_mid", "is absent (parallel block)", f"{b}.hook_resid_mid" not in cache))
     block = cfg._model_ref().blocks[int(b.split(".")[1])]
     if block.ln2 is block.ln1:
         for name in ("hook_scale", "hook_normalized"):
