@@ -13,6 +13,7 @@ import torch
 from .activation_cache import ActivationCache
 from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
+from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, gated_by
 
 
 def default_filter(name):
@@ -56,7 +57,7 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI:
+class ModelAPI(SwitchAPI):
     def __copy__(self):
         raise TypeError(
             "copy.copy of a model with tlshim installed would share its modules, hook points and tlshim's "
@@ -98,11 +99,13 @@ class ModelAPI:
     def _points(self, name_or_filter):
         hook_dict = self._tlshim.hook_dict
         if isinstance(name_or_filter, str):
+            name_or_filter = canonical(name_or_filter)
             if name_or_filter not in hook_dict:
                 raise unknown_hook_name(name_or_filter, hook_dict)
+            check_named(self.cfg, name_or_filter)
             return [hook_dict[name_or_filter]]
-        if callable(name_or_filter):
-            return [point for name, point in hook_dict.items() if name_or_filter(name)]
+        if callable(name_or_filter):  # a filter skips the names a switch turns off
+            return [point for name, point in hook_dict.items() if name_or_filter(name) and not gated_by(self.cfg, name)]
         if isinstance(name_or_filter, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in name_or_filter):
             return [point for name in name_or_filter for point in self._points(name)]
         raise TypeError(
@@ -195,7 +198,7 @@ class ModelAPI:
         >>> logits, cache = model.run_with_cache("a b c a b", names_filter=lambda n: "pattern" in n)
         >>> cache["pattern", 0].shape
         """
-        names = [point.name for point in self._points(default_filter if names_filter is None else names_filter)]
+        names = [point.name for point in self._points(default_cache_filter(self.cfg) if names_filter is None else names_filter)]
         store: dict = {}
 
         def keep(key, keep_graph):

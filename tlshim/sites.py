@@ -271,13 +271,16 @@ class NormSite(Site):
         self.scale_point = scale_point
         self.layer_site = layer_site
 
+    #: fired after in_points on a copy of the input (hook_mlp_in): an edit reaches the norm, not the residual
+    copy_points = ()
+
     def on_input(self, x):
         edited = fire_points(self.in_points, x)
         if self.layer_site is not None and edited is not x:
             call = self.layer_site.current_call()
             if call is not None:
                 call.mid = edited
-        return edited
+        return fire_points(self.copy_points, edited)
 
     def on_output(self, y):
         return y if self.norm.has_weight(self.module) else fire_points(self.out_points, y)
