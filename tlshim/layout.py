@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+from .block_call import Blocks
 from .errors import UnsupportedModelError
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
@@ -95,7 +96,7 @@ def plan_install(model, spec) -> Plan:
     final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", final)
     final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
 
-    plan.alias(model, "blocks", layers, "model")
+    plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")
     plan.alias(model, "unembed", plan.module(spec.unembed), "model")
     plan.alias(model, "ln_final", final.module, "model")
