@@ -25,11 +25,13 @@ BLOCK_NAMES = (
     "hook_mlp_out",
     "hook_resid_post",
 )
+#: served while their TransformerLens switch is on (tlshim.tl_switches)
+SWITCH_NAMES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
 
 
 def expected_names(spec, n_layers: int) -> set:
     """Every catalog name that applies to a model of ``spec`` with ``n_layers`` blocks."""
-    block = list(BLOCK_NAMES)
+    block = [*BLOCK_NAMES, *SWITCH_NAMES]
     if spec.gate_proj:
         block.append("mlp.hook_pre_linear")
     if spec.q_norm:

@@ -10,6 +10,7 @@ tlshim always served it); ``use_attn_result`` adds it to ``run_with_cache``'s de
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 #: switch -> the hook-name endings it gates
@@ -44,6 +45,19 @@ def check_named(cfg, name: str):
 def default_cache_filter(cfg):
     """run_with_cache's default names: every served name, hook_result only with use_attn_result."""
     return lambda name: cfg.use_attn_result or not name.endswith(".hook_result")
+
+
+@contextlib.contextmanager
+def all_switched_on(cfg):
+    """Every switch on for a block (attn_in and split q/k/v together, which the setters refuse), then as before:
+    for checks that want every name to fire."""
+    switches = ("use_attn_result", *GATED)
+    before = {name: getattr(cfg, name) for name in switches}
+    vars(cfg).update(dict.fromkeys(switches, True))
+    try:
+        yield cfg
+    finally:
+        vars(cfg).update(before)
 
 
 class SwitchAPI:
