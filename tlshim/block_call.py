@@ -70,6 +70,18 @@ class Block(ObjectProxy):
     def __repr__(self):
         return repr(self.__wrapped__)
 
+    @property
+    def submodules(self) -> dict:
+        """The block's parts by TransformerLens name, as TransformerLens's structure checks read them
+        (transformer_lens.patching's direct path refuses a post-attention norm through this)."""
+        parts = {name: getattr(self.__wrapped__, name, None) for name in ("ln1", "attn", "ln1_post", "ln2", "mlp", "ln2_post")}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    @property
+    def hook_aliases(self) -> dict:
+        """Where hook_attn_out is read (after the post-attention norm where there is one), for the same checks."""
+        return {"hook_attn_out": "ln1_post.hook_out" if "ln1_post" in self.submodules else "attn.hook_out"}
+
     def __call__(self, *args, **kwargs):
         if len(args) == 1 and torch.is_tensor(args[0]) and args[0].dim() == 3 and set(kwargs) <= _TL_KWARGS:
             return self._tl_call(args[0], **kwargs)
