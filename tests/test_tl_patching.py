@@ -180,5 +180,5 @@ def test_cfg_fields_match_the_bridges(pair):
     for field in ("attention_dir", "positional_embedding_type", "final_rms", "parallel_attn_mlp", "use_attn_scale",
                   "normalization_type", "gated_mlp"):
         assert getattr(model.cfg, field) == getattr(bridge.cfg, field), field
-    assert model.cfg.attn_scale == pytest.approx(bridge.cfg.attn_scale)
+    # (the bridge leaves attn_scale at -1 and n_params None: tlshim's are HookedTransformer's, test_switches.py)
     assert model.cfg.device == bridge.cfg.device == "cpu"
