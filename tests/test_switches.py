@@ -6,11 +6,14 @@ head's rows of the projection from ln1(edited copy), spliced into the twin's pro
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import tlshim
 from fixtures.openelm_fixture import build_openelm_in_memory
+import tiny
 from models import ALL_ARCHS, build, tokens
 
 LAYER = 1
@@ -20,6 +23,8 @@ PATHS = {arch: ("model.layers", "input_layernorm", "post_attention_layernorm",
 PATHS["gemma2"] = (*PATHS["gemma2"][:2], "pre_feedforward_layernorm", PATHS["gemma2"][3])
 # the stand-in OpenELM's layer 1: 4 query heads, 2 kv heads of 16 in one fused qkv_proj
 PATHS["openelm"] = ("transformer.layers", "attn_norm", "ffn_norm", {"q": ("attn.qkv_proj", 0), "k": ("attn.qkv_proj", None), "v": ("attn.qkv_proj", None)})
+# Phi-3 through the structural path: one fused qkv_proj too
+PATHS["phi3"] = ("model.layers", "input_layernorm", "post_attention_layernorm", {r: ("self_attn.qkv_proj", 0 if r == "q" else None) for r in "qkv"})
 
 
 def get(root, path):
@@ -31,6 +36,10 @@ def get(root, path):
 def pair(arch):
     if arch == "openelm":
         return tlshim.install(build_openelm_in_memory(seed=0)), build_openelm_in_memory(seed=0)
+    if arch == "phi3":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unverified structural type warns at install
+            return tlshim.install(tiny.build("phi3")), tiny.build("phi3")
     return tlshim.install(build(arch)), build(arch)
 
 
@@ -89,7 +98,7 @@ def logits(model, ids, **kwargs):
     return model(ids, use_cache=False, **kwargs).logits
 
 
-ARCHS = [*ALL_ARCHS, "openelm"]
+ARCHS = [*ALL_ARCHS, "openelm", "phi3"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -118,7 +127,7 @@ def test_split_input_edit_equals_recomputing_that_head_by_hand(arch, role, head)
     assert torch.equal(cache["after"][:, :, others], native[f"blocks.{LAYER}.attn.hook_{role}"][:, :, others])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "openelm"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "openelm", "phi3"])
 def test_attn_in_feeds_q_of_every_head_and_k_v_of_the_first_kv_heads(arch):
     model, twin = pair(arch)
     ids = tokens()
