@@ -198,6 +198,8 @@ def test_switches_gate_names_as_transformer_bridge_does():
     # a filter skips switched-off names; the default cache leaves them and hook_result out
     _, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith("_input"))
     assert len(cache) == 0
+    _, cache = model.run_with_cache(ids, names_filter=["blocks.0.hook_q_input", "blocks.0.hook_resid_pre"])  # a list too
+    assert list(cache) == ["blocks.0.hook_resid_pre"]
     _, cache = model.run_with_cache(ids)
     assert not [k for k in cache if k.endswith(("_input", "attn_in", "mlp_in", "hook_result"))]
     model.set_use_attn_result(True)

@@ -107,7 +107,8 @@ class ModelAPI(SwitchAPI):
         if callable(name_or_filter):  # a filter skips the names a switch turns off
             return [point for name, point in hook_dict.items() if name_or_filter(name) and not gated_by(self.cfg, name)]
         if isinstance(name_or_filter, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in name_or_filter):
-            return [point for name in name_or_filter for point in self._points(name)]
+            # a list of names, like a filter, skips the names a switch turns off
+            return [point for name in name_or_filter if not gated_by(self.cfg, canonical(name)) for point in self._points(name)]
         raise TypeError(
             f"a hook name must be a name (str), a list of names or a filter function name -> bool, "
             f"got {type(name_or_filter).__name__} {name_or_filter!r:.80}"
