@@ -13,7 +13,7 @@ import torch
 from .activation_cache import ActivationCache
 from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
-from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, gated_by
+from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, switched_off
 
 
 def default_filter(name):
@@ -99,16 +99,20 @@ class ModelAPI(SwitchAPI):
     def _points(self, name_or_filter):
         hook_dict = self._tlshim.hook_dict
         if isinstance(name_or_filter, str):
-            name_or_filter = canonical(name_or_filter)
-            if name_or_filter not in hook_dict:
-                raise unknown_hook_name(name_or_filter, hook_dict)
-            check_named(self.cfg, name_or_filter)
-            return [hook_dict[name_or_filter]]
-        if callable(name_or_filter):  # a filter skips the names a switch turns off
-            return [point for name, point in hook_dict.items() if name_or_filter(name) and not gated_by(self.cfg, name)]
+            name = canonical(name_or_filter)
+            if name not in hook_dict:
+                raise unknown_hook_name(name, hook_dict)
+            check_named(self.cfg, name)
+            return [hook_dict[name]]
+        off = switched_off(self.cfg)  # a filter, or a list of names, skips the names a switch turns off
+        if callable(name_or_filter):
+            return [point for name, point in hook_dict.items() if name_or_filter(name) and not name.endswith(off)]
         if isinstance(name_or_filter, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in name_or_filter):
-            # a list of names, like a filter, skips the names a switch turns off
-            return [point for name in name_or_filter if not gated_by(self.cfg, canonical(name)) for point in self._points(name)]
+            names = [canonical(name) for name in name_or_filter]
+            for name in names:
+                if name not in hook_dict:
+                    raise unknown_hook_name(name, hook_dict)
+            return [hook_dict[name] for name in names if not name.endswith(off)]
         raise TypeError(
             f"a hook name must be a name (str), a list of names or a filter function name -> bool, "
             f"got {type(name_or_filter).__name__} {name_or_filter!r:.80}"

@@ -19,20 +19,28 @@ GATED = {
     "use_attn_in": ("hook_attn_in",),
     "use_hook_mlp_in": ("hook_mlp_in",),
 }
+_ENDINGS = tuple(ending for endings in GATED.values() for ending in endings)
 _ATTN_ALIAS = re.compile(r"^(blocks\.\d+)\.attn\.(hook_attn_in|hook_[qkv]_input)$")
 
 
 def canonical(name: str) -> str:
     """TransformerBridge's ``blocks.i.attn.hook_q_input`` (and attn_in, k/v input) is ``blocks.i.hook_q_input``."""
-    return _ATTN_ALIAS.sub(r"\1.\2", name)
+    return _ATTN_ALIAS.sub(r"\1.\2", name) if name.endswith(_ENDINGS) else name
 
 
 def gated_by(cfg, name: str) -> str | None:
     """The switch that is off and gates ``name``, or None."""
+    if not name.endswith(_ENDINGS):  # most names: one check (run_with_cache asks for every name)
+        return None
     for switch, endings in GATED.items():
         if name.endswith(endings) and not getattr(cfg, switch, False):
             return switch
     return None
+
+
+def switched_off(cfg) -> tuple:
+    """The hook-name endings whose switch is off (for ``str.endswith``)."""
+    return tuple(ending for switch, endings in GATED.items() if not getattr(cfg, switch, False) for ending in endings)
 
 
 def check_named(cfg, name: str):
