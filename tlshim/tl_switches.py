@@ -77,22 +77,19 @@ class SwitchAPI:
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool):
         """Per-head copies of the residual for q, k and v: blocks.i.hook_q_input / hook_k_input / hook_v_input."""
-        if use_split_qkv_input and self.cfg.use_attn_in:
-            raise ValueError(
-                "use_split_qkv_input and use_attn_in are mutually exclusive. "
-                "Call set_use_attn_in(False) before enabling use_split_qkv_input."
-            )
-        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+        _set_exclusive(self.cfg, "use_split_qkv_input", use_split_qkv_input, "use_attn_in")
 
     def set_use_attn_in(self, use_attn_in: bool):
         """One per-head copy of the residual feeding q, k and v: blocks.i.hook_attn_in."""
-        if use_attn_in and self.cfg.use_split_qkv_input:
-            raise ValueError(
-                "use_attn_in and use_split_qkv_input are mutually exclusive. "
-                "Call set_use_split_qkv_input(False) before enabling use_attn_in."
-            )
-        self.cfg.use_attn_in = bool(use_attn_in)
+        _set_exclusive(self.cfg, "use_attn_in", use_attn_in, "use_split_qkv_input")
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool):
         """blocks.i.hook_mlp_in: a copy of the residual entering the MLP's norm."""
         self.cfg.use_hook_mlp_in = bool(use_hook_mlp_in)
+
+
+def _set_exclusive(cfg, switch, value, other):
+    """The two forks exclude each other, as in TransformerBridge."""
+    if value and getattr(cfg, other):
+        raise ValueError(f"{switch} and {other} are mutually exclusive. Call set_{other}(False) before enabling {switch}.")
+    setattr(cfg, switch, bool(value))
