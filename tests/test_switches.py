@@ -231,4 +231,5 @@ def test_cfg_fields_tl_code_reads():
     assert cfg.original_architecture == "LlamaForCausalLM" and cfg.positional_embedding_type == "rotary"
     gemma = pair("gemma2")[0].cfg
     assert gemma.attn_scale == 4.0 and gemma.use_local_attn and gemma.attn_types == ["local", "global"] * 2
-    assert gemma.use_normalization_before_and_after and pair("qwen3")[0].cfg.use_qk_norm
+    assert gemma.use_normalization_before_and_after and not gemma.use_qk_norm
+    assert pair("openelm")[0].cfg.use_qk_norm  # (Qwen3 needs transformers >= 4.51; OpenELM is in every version)

@@ -68,10 +68,6 @@ class _Splice:
         self.point = point  # hook_q / hook_k / hook_v, fired after the splice
 
     @property
-    def name(self):
-        return self.point.name
-
-    @property
     def active(self):
         return self.point.active or self.role in _PENDING.get().get(self.fork, {})
 

@@ -99,7 +99,7 @@ def computed_fields(model, spec, fields: dict) -> dict:
         rotary_dim=int(d_head * partial) if fields.get("positional_embedding_type") == "rotary" else None,
         attn_scale=1 / scaling if scaling else math.sqrt(d_head),
         use_local_attn=window is not None,
-        attn_types=[{"sliding_attention": "local"}.get(t, "global") for t in layer_types] if window is not None and layer_types else None,
+        attn_types=_attn_types(model, spec, layer_types) if window is not None else None,
         use_qk_norm=bool(spec.q_norm),
         use_normalization_before_and_after=bool(spec.ln1_post),
         n_params=_n_params(fields),
@@ -115,6 +115,14 @@ def computed_fields(model, spec, fields: dict) -> dict:
             NTK_original_ctx_len=rope["original_max_position_embeddings"],
         )
     return out
+
+
+def _attn_types(model, spec, layer_types):
+    """"local" or "global" per layer: from config.layer_types, or (transformers < 4.5x) each attention's sliding_window."""
+    if layer_types:
+        return [{"sliding_attention": "local"}.get(kind, "global") for kind in layer_types]
+    layers = get_path(model, spec.layers)
+    return ["local" if getattr(get_path(layer, spec.attn), "sliding_window", None) else "global" for layer in layers]
 
 
 def _n_params(fields) -> int:
