@@ -36,36 +36,34 @@ class _Reached(Exception):
 class Blocks(ObjectProxy):
     """The model's layer list, whose items call as TransformerLens blocks."""
 
-    def __init__(self, layers, model, indices=None):
+    def __init__(self, layers, model):
         super().__init__(layers)
         self._self_model = model if isinstance(model, weakref.ref) else weakref.ref(model)
-        self._self_indices = list(range(len(layers))) if indices is None else indices
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return Blocks(self.__wrapped__[index], self._self_model, self._self_indices[index])
-        return Block(self.__wrapped__[index], self._self_model, self._self_indices[index])
+        cls = Blocks if isinstance(index, slice) else Block
+        return cls(self.__wrapped__[index], self._self_model)
 
     def __iter__(self):
-        return (Block(layer, self._self_model, i) for layer, i in zip(self.__wrapped__, self._self_indices))
+        return (Block(layer, self._self_model) for layer in self.__wrapped__)
 
     def __repr__(self):
         return repr(self.__wrapped__)
 
     def __deepcopy__(self, memo):
         model = self._self_model()
-        return Blocks(copy.deepcopy(self.__wrapped__, memo), copy.deepcopy(model, memo), self._self_indices)
+        return Blocks(copy.deepcopy(self.__wrapped__, memo), copy.deepcopy(model, memo))
 
     def __reduce_ex__(self, protocol):
-        return Blocks, (self.__wrapped__, self._self_model(), self._self_indices)
+        return Blocks, (self.__wrapped__, self._self_model())
 
 
 class Block(ObjectProxy):
     """One decoder layer: ``block(resid)`` returns the residual after it; any other call is the layer's own."""
 
-    def __init__(self, layer, model_ref, index):
+    def __init__(self, layer, model_ref):
         super().__init__(layer)
-        self._self_model, self._self_index = model_ref, index
+        self._self_model = model_ref
 
     def __repr__(self):
         return repr(self.__wrapped__)

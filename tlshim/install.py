@@ -15,9 +15,9 @@ from .hook_points import foreign_hooks, remove_all
 from .journal import ClassSwap, DictEntry, apply_all, undo_all
 from .layout import plan_install
 from .registry import spec_for
+from .split_inputs import plan_switch_hooks
 from .tl_config import TLConfig
 from .tl_config_fields import computed_fields
-from .split_inputs import plan_switch_hooks
 
 STATE = "_tlshim"
 
