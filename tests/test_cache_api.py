@@ -28,7 +28,8 @@ def test_shorthand_keys(run):
     assert act_name("post", 2) == "blocks.2.mlp.hook_post" and act_name("attn_out", 1) == "blocks.1.hook_attn_out"
     assert act_name("scale", 1, "ln2") == "blocks.1.ln2.hook_scale" and act_name("z", 0, "a") == "blocks.0.attn.hook_z"
     assert "blocks.0.hook_resid_mid" in cache and "blocks.0.attn.hook_result" not in cache
-    assert set(cache.keys()) == {n for n in model.hook_dict if not n.endswith("hook_result")}
+    switched_off = ("hook_result", "hook_attn_in", "_input", "hook_mlp_in")  # the TransformerLens switches start off
+    assert set(cache.keys()) == {n for n in model.hook_dict if not n.endswith(switched_off)}
     assert len(list(cache.items())) == len(cache)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import tlshim
 from tlshim.catalog import expected_names
 from tlshim.registry import spec_for
+from tlshim.tl_switches import all_switched_on
 
 from models import ALL_ARCHS, ATTN_IMPLS, build, tokens
 
@@ -27,6 +28,8 @@ def shapes(model, batch, pos):
         "ln2.hook_scale": (batch, pos, 1), "ln2.hook_normalized": (batch, pos, d),
         "mlp.hook_pre": (batch, pos, m), "mlp.hook_pre_linear": (batch, pos, m), "mlp.hook_post": (batch, pos, m),
         "hook_mlp_out": (batch, pos, d), "hook_resid_post": (batch, pos, d),
+        "hook_attn_in": (batch, pos, h, d), "hook_q_input": (batch, pos, h, d), "hook_k_input": (batch, pos, g, d),
+        "hook_v_input": (batch, pos, g, d), "hook_mlp_in": (batch, pos, d),
     }
     out = {"hook_embed": (batch, pos, d), "ln_final.hook_scale": (batch, pos, 1), "ln_final.hook_normalized": (batch, pos, d)}
     for i in range(cfg.n_layers):
@@ -40,7 +43,8 @@ def test_every_name_exists_fires_with_its_shape(arch, attn):
     model = tlshim.install(build(arch, attn))
     assert set(model.hook_dict) == expected_names(spec_for(model), model.cfg.n_layers)
     ids = tokens(2, 12)
-    _, cache = model.run_with_cache(ids, names_filter=lambda name: True)
+    with all_switched_on(model.cfg):  # the switch hooks (off by default) fire too
+        _, cache = model.run_with_cache(ids, names_filter=lambda name: True)
     assert set(cache.keys()) == set(model.hook_dict)
     expected = shapes(model, 2, 12)
     for name, value in cache.items():

@@ -15,6 +15,7 @@ from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
 from .tl_analysis import AnalysisAPI
 from .tl_calls import TLCalls, outside_run, overrides, run
+from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, switched_off
 
 
 def default_filter(name):
@@ -58,7 +59,7 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI(TLCalls, AnalysisAPI):
+class ModelAPI(TLCalls, AnalysisAPI, SwitchAPI):
     #: set on the per-instance class itself, ahead of the HF base class (TL calls beside HF's)
     _tlshim_overrides = staticmethod(overrides)
 
@@ -103,13 +104,20 @@ class ModelAPI(TLCalls, AnalysisAPI):
     def _points(self, name_or_filter):
         hook_dict = self._tlshim.hook_dict
         if isinstance(name_or_filter, str):
-            if name_or_filter not in hook_dict:
-                raise unknown_hook_name(name_or_filter, hook_dict)
-            return [hook_dict[name_or_filter]]
+            name = canonical(name_or_filter)
+            if name not in hook_dict:
+                raise unknown_hook_name(name, hook_dict)
+            check_named(self.cfg, name)
+            return [hook_dict[name]]
+        off = switched_off(self.cfg)  # a filter, or a list of names, skips the names a switch turns off
         if callable(name_or_filter):
-            return [point for name, point in hook_dict.items() if name_or_filter(name)]
+            return [point for name, point in hook_dict.items() if name_or_filter(name) and not name.endswith(off)]
         if isinstance(name_or_filter, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in name_or_filter):
-            return [point for name in name_or_filter for point in self._points(name)]
+            names = [canonical(name) for name in name_or_filter]
+            for name in names:
+                if name not in hook_dict:
+                    raise unknown_hook_name(name, hook_dict)
+            return [hook_dict[name] for name in names if not name.endswith(off)]
         raise TypeError(
             f"a hook name must be a name (str), a list of names or a filter function name -> bool, "
             f"got {type(name_or_filter).__name__} {name_or_filter!r:.80}"
@@ -198,7 +206,7 @@ class ModelAPI(TLCalls, AnalysisAPI):
         >>> logits, cache = model.run_with_cache("a b c a b", names_filter=lambda n: "pattern" in n)
         >>> cache["pattern", 0].shape
         """
-        names = [point.name for point in self._points(default_filter if names_filter is None else names_filter)]
+        names = [point.name for point in self._points(default_cache_filter(self.cfg) if names_filter is None else names_filter)]
         start, stop = model_kwargs.get("start_at_layer"), model_kwargs.get("stop_at_layer")
         if start is not None or stop is not None:  # as TransformerLens: blocks it does not run are not in the cache
             names = [name for name in names if not outside_run(name, start, stop, self.cfg.n_layers)]

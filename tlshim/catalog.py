@@ -25,11 +25,25 @@ BLOCK_NAMES = (
     "hook_mlp_out",
     "hook_resid_post",
 )
+#: served while their TransformerLens switch is on (tlshim.tl_switches)
+SWITCH_NAMES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
+
+
+def switch_names(spec) -> list:
+    """The switch hooks a layout serves: the per-head split inputs need a pre-norm (ln1) and q/k/v
+    projections that are separate or fused contiguously; hook_mlp_in needs an MLP norm of its own."""
+    names = []
+    if spec.ln1 and not spec.qkv_grouped:
+        names += ["hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"]
+    if spec.ln2 and spec.ln2 != spec.ln1:
+        names.append("hook_mlp_in")
+    return names
 
 
 def expected_names(spec, n_layers: int) -> set:
     """Every catalog name that applies to a model of ``spec`` with ``n_layers`` blocks."""
     block = [n for n in BLOCK_NAMES if spec.ln1 or not n.startswith(("ln1.", "ln2."))]  # none in post-norm-only blocks
+    block += switch_names(spec)
     if spec.gate_proj:
         block.append("mlp.hook_pre_linear")
     if spec.q_norm:

@@ -15,8 +15,10 @@ from .hook_points import foreign_hooks, remove_all
 from .journal import ClassSwap, DictEntry, apply_all, undo_all
 from .layout import plan_install
 from .registry import spec_for
+from .split_inputs import plan_switch_hooks
 from .tl_calls import tokenizer_fields
 from .tl_config import TLConfig
+from .tl_config_fields import computed_fields
 
 STATE = "_tlshim"
 
@@ -96,6 +98,7 @@ def install(model, tokenizer=None, **options):
     given, model = model, hf_model(model)
     spec = spec_for(model)
     plan = plan_install(model, spec)
+    plan_switch_hooks(plan)
     records = [record for step in spec.prepare for record in step(model, spec, options)]
     records += plan.entries + plan.swaps
     records.append(ClassSwap(model, ModelAPI, spec, "model"))
@@ -157,6 +160,7 @@ def _tl_config(model, spec, tokenizer):
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     return TLConfig(
         **fields,
+        **computed_fields(model, spec, fields),
         original_architecture=architectures[0],
         model_name=getattr(config, "_name_or_path", "") or "",
         tokenizer_name=getattr(tokenizer, "name_or_path", None),

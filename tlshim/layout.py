@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 from . import family_parallel as parallel
+from .block_call import Blocks
 from .errors import UnsupportedModelError
 from .family_post import MidInputSite
 from .hook_points import HookPoint
@@ -98,7 +99,7 @@ def plan_install(model, spec) -> Plan:
     final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", final)
     final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
 
-    plan.alias(model, "blocks", layers, "model")
+    plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")
     plan.alias(model, "unembed", unembed_alias(model, plan.module(spec.unembed)), "model")
     plan.alias(model, "ln_final", final.module, "model")

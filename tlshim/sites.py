@@ -281,8 +281,11 @@ class NormSite(Site):
         self.scale_point = scale_point
         self.layer_site = layer_site
 
+    #: fired after in_points on a copy of the input (hook_mlp_in): an edit reaches the norm, not the residual
+    copy_points = ()
+
     def on_input(self, x):
-        return fire_mid(self.in_points, self.layer_site, x)
+        return fire_points(self.copy_points, fire_mid(self.in_points, self.layer_site, x))
 
     def on_output(self, y):
         return y if self.norm.has_weight(self.module) else fire_points(self.out_points, y)

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .per_layer import per_layer
+from .tl_config_fields import Device, TLConfigFields
 
 
 @dataclass
-class TLConfig:
+class TLConfig(TLConfigFields):
     """TransformerLens's HookedTransformerConfig field names, with values read from the HF model.
 
     Per-layer quantities that differ between layers (OpenELM) are lists. ``device`` and ``dtype``
@@ -73,7 +74,7 @@ class TLConfig:
 
     @property
     def device(self):
-        return next(self._model_ref().parameters()).device
+        return Device(next(self._model_ref().parameters()).device)
 
     @property
     def dtype(self):

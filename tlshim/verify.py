@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .spec import get_path
+from .tl_switches import all_switched_on
 
 BIT = "bit for bit"
 
@@ -85,7 +86,8 @@ def _verify(model, input_ids):
     batch, pos = input_ids.shape
     with torch.no_grad():
         idle = model(input_ids=input_ids, use_cache=False).logits
-        logits, cache = model.run_with_cache(input_ids, names_filter=lambda name: True, use_cache=False)
+        with all_switched_on(cfg):  # the switch hooks fire too
+            logits, cache = model.run_with_cache(input_ids, names_filter=lambda name: True, use_cache=False)
 
     def same(name, check, a, b, exact=True):
         if a.shape != b.shape:
@@ -177,6 +179,8 @@ def _shape(cfg, name, batch, pos):
         "attn.hook_rot_q": (batch, pos, h, e), "attn.hook_rot_k": (batch, pos, g, e),
         "attn.hook_attn_scores": (batch, h, pos, pos), "attn.hook_pattern": (batch, h, pos, pos),
         "attn.hook_z": (batch, pos, h, e), "attn.hook_result": (batch, pos, h, d),
+        "hook_attn_in": (batch, pos, h, d), "hook_q_input": (batch, pos, h, d),
+        "hook_k_input": (batch, pos, g, d), "hook_v_input": (batch, pos, g, d),
         "mlp.hook_pre": (batch, pos, m), "mlp.hook_pre_linear": (batch, pos, m), "mlp.hook_post": (batch, pos, m),
     }
     return table.get(rest, (batch, pos, d))
