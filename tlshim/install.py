@@ -159,8 +159,7 @@ def _tl_config(model, spec, tokenizer):
     config = model.config
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     return TLConfig(
-        **fields,
-        **computed_fields(model, spec, fields),
+        **{**computed_fields(model, spec, fields), **fields},  # what the spec says wins
         original_architecture=architectures[0],
         model_name=getattr(config, "_name_or_path", "") or "",
         tokenizer_name=getattr(tokenizer, "name_or_path", None),

@@ -185,7 +185,6 @@ def _structural_cfg(found, model):
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
-        rotary_dim=parallel.rotary_dim(config, found["d_head"]),
         logit_scale=getattr(config, "logit_scale", None) or 1.0,
         attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
         output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or -1.0,

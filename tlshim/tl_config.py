@@ -33,7 +33,6 @@ class TLConfig(TLConfigFields):
     eps: float = 1e-5
     rotary_base: float | None = None
     rotary_layers: list | None = None
-    rotary_dim: int | None = None
     gated_mlp: bool = True
     final_rms: bool = True
     tie_word_embeddings: bool = False
@@ -57,8 +56,6 @@ class TLConfig(TLConfigFields):
     def __post_init__(self):
         for name in ("n_heads", "n_key_value_heads", "d_mlp"):
             setattr(self, name, per_layer(name, getattr(self, name)))
-        if self.rotary_dim is None and self.positional_embedding_type == "rotary":
-            self.rotary_dim = self.d_head  # a spec that does not say: rotary over the whole head
         # held weakly: the config lives on the model, and a cycle would keep the model alive past ``del``
         if self._model_ref is not None and not isinstance(self._model_ref, weakref.ref):
             self._model_ref = weakref.ref(self._model_ref)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .family_parallel import rotary_dim
 from .spec import get_path
 
 
@@ -93,11 +94,10 @@ def computed_fields(model, spec, fields: dict) -> dict:
     d_head = fields["d_head"]
     scaling = getattr(attn, "scaling", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
     layer_types = getattr(config, "layer_types", None)
     window = fields.get("window_size")
     out = dict(
-        rotary_dim=int(d_head * partial) if fields.get("positional_embedding_type") == "rotary" else None,
+        rotary_dim=rotary_dim(config, d_head) if fields.get("positional_embedding_type") == "rotary" else None,
         attn_scale=1 / scaling if scaling else math.sqrt(d_head),
         use_local_attn=window is not None,
         attn_types=_attn_types(model, spec, layer_types) if window is not None else None,
