@@ -13,6 +13,7 @@ import torch
 from .activation_cache import ActivationCache
 from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
+from .saes import SAEMixin
 
 
 def default_filter(name):
@@ -56,7 +57,7 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI:
+class ModelAPI(SAEMixin):
     def __copy__(self):
         raise TypeError(
             "copy.copy of a model with tlshim installed would share its modules, hook points and tlshim's "
