@@ -236,3 +236,16 @@ def test_bad_saes_say_what_would_work(pair):
     with pytest.raises(ValueError, match="one SAE per hook name"):
         model.run_with_saes(tokens(), saes=[LinearSAE(64), LinearSAE(64, seed=1)])
     assert not any(n.startswith(NAME + ".") for n in model.hook_dict)
+
+
+def test_generate_and_uninstall_with_an_sae_attached(pair):
+    model, plain = pair
+    ids = tokens(batch=1)
+    before = snapshot(plain, ids)
+    model.add_sae(LinearSAE(model.cfg.d_model), use_error_term=True)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+    tlshim.uninstall(model)  # takes the SAE's hook with it
+    after = snapshot(model, ids)
+    after["params"] = before["params"] = None
+    assert_same(before, after)
