@@ -31,6 +31,8 @@ NEEDS_CALL = "model(tokens, return_type=...) and to_tokens(truncate=...) come wi
 
 def make_sae(kind, d_in, hook_name=NAME, seed=0):
     cls, config, extra = KINDS[kind]
+    if hook_name.endswith("hook_z"):  # an attention SAE reads the heads flattened, as SAELens's hook_z SAEs do
+        extra = {**extra, "reshape_activations": "hook_z"}
     sae = cls(config(d_in=d_in, d_sae=96, metadata=SAEMetadata(hook_name=hook_name, context_size=8, prepend_bos=False), **extra))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -66,17 +68,18 @@ def hooked_sae_transformer(plain):
 
 
 @pytest.mark.parametrize("use_error_term", [False, True])
-@pytest.mark.parametrize("kind", KINDS)
-def test_run_with_cache_with_saes_as_hooked_sae_transformer(models, kind, use_error_term):
+@pytest.mark.parametrize("kind, hook_name", [*((kind, NAME) for kind in KINDS), ("standard", "blocks.0.attn.hook_z")])
+def test_run_with_cache_with_saes_as_hooked_sae_transformer(models, kind, hook_name, use_error_term):
     model, plain = models
     reference = hooked_sae_transformer(plain)
     ids = ids_for(model)
-    sae = make_sae(kind, model.cfg.d_model)
+    d_in = model.cfg.n_heads * model.cfg.d_head if hook_name.endswith("hook_z") else model.cfg.d_model
+    sae = make_sae(kind, d_in, hook_name)
     ref_logits, ref_cache = reference.run_with_cache_with_saes(ids, saes=[sae], use_error_term=use_error_term)
     logits, cache = model.run_with_cache_with_saes(ids, saes=[sae], use_error_term=use_error_term)
     ref_names = sorted(k for k in ref_cache.keys() if ".hook_sae_" in k)
     assert sorted(k for k in cache.keys() if ".hook_sae_" in k) == ref_names
-    assert (NAME + ".hook_sae_error" in ref_names) == use_error_term
+    assert (hook_name + ".hook_sae_error" in ref_names) == use_error_term
     for name in ref_names:
         torch.testing.assert_close(cache[name], ref_cache[name], rtol=1e-4, atol=1e-4, msg=name)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
