@@ -235,6 +235,8 @@ def test_bad_saes_say_what_would_work(pair):
     model.reset_saes()
     with pytest.raises(ValueError, match="one SAE per hook name"):
         model.run_with_saes(tokens(), saes=[LinearSAE(64), LinearSAE(64, seed=1)])
+    with pytest.raises(ValueError, match="exclude_special_tokens is not supported"):
+        model.run_with_saes(tokens(), saes=[LinearSAE(64)], exclude_special_tokens=True)
     assert not any(n.startswith(NAME + ".") for n in model.hook_dict)
 
 

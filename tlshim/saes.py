@@ -132,6 +132,15 @@ def _sae_list(saes):
     return list(saes) if isinstance(saes, (list, tuple)) else [saes]
 
 
+def _no_exclusion(exclude_special_tokens):
+    """SAELens's exclude_special_tokens is refused rather than passed on to HF's forward (which would ignore it)."""
+    if exclude_special_tokens is not False:
+        raise ValueError(
+            "exclude_special_tokens is not supported by tlshim's SAEs: the SAE runs at every position; "
+            "to keep BOS out, run the model on tokens[:, 1:] or restore those positions in a hook on <hook>.hook_sae_output"
+        )
+
+
 class SAEMixin:
     """SAELens's HookedSAETransformer methods, on the installed model."""
 
@@ -191,7 +200,7 @@ class SAEMixin:
             if gone:
                 self._tlshim.hook_dict = {k: v for k, v in self._tlshim.hook_dict.items() if k not in gone}
 
-    def add_sae(self, sae, hook_name=None, use_error_term=None):
+    def add_sae(self, sae, hook_name=None, use_error_term=None, exclude_special_tokens=False):
         """Attach ``sae`` at ``hook_name`` (default: the SAELens SAE's own) for every forward, in every
         thread, until ``reset_saes``; replaces an SAE attached there before.
 
@@ -202,6 +211,7 @@ class SAEMixin:
         >>> model.add_sae(sae)                     # a SAELens SAE
         >>> model.add_sae(my_module, "blocks.1.hook_resid_post", use_error_term=True)
         """
+        _no_exclusion(exclude_special_tokens)
         splice = self._splice(sae, hook_name, use_error_term)
         state = self._sae_state()
         try:
@@ -240,13 +250,14 @@ class SAEMixin:
         return found
 
     @contextlib.contextmanager
-    def saes(self, saes=(), reset_saes_end=True, use_error_term=None):
+    def saes(self, saes=(), reset_saes_end=True, use_error_term=None, exclude_special_tokens=False):
         """SAEs attached inside a ``with`` block for this thread's (or asyncio task's) forwards only;
         ``reset_saes_end=False`` attaches them model-wide for good (``add_sae``), as SAELens does.
 
         >>> with model.saes([sae]):
         ...     logits, cache = model.run_with_cache(tokens)
         """
+        _no_exclusion(exclude_special_tokens)
         saes = _sae_list(saes)
         if not reset_saes_end:
             for sae in saes:
@@ -274,28 +285,29 @@ class SAEMixin:
                 for splice in splices:
                     self._unsplice(splice)
 
-    def run_with_saes(self, *model_args, saes=(), reset_saes_end=True, use_error_term=None, **model_kwargs):
+    def run_with_saes(self, *model_args, saes=(), reset_saes_end=True, use_error_term=None, exclude_special_tokens=False,
+                      **model_kwargs):
         """``run_with_hooks`` (TransformerLens's forward) with ``saes`` attached for this call.
 
         >>> logits = model.run_with_saes(tokens, saes=[sae])
         """
-        with self.saes(saes, reset_saes_end, use_error_term):
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self.run_with_hooks(*model_args, **model_kwargs)
 
     def run_with_cache_with_saes(self, *model_args, saes=(), reset_saes_end=True, use_error_term=None,
-                                 return_cache_object=True, remove_batch_dim=False, **kwargs):
+                                 exclude_special_tokens=False, return_cache_object=True, remove_batch_dim=False, **kwargs):
         """``run_with_cache`` with ``saes`` attached; the cache holds their stages too.
 
         >>> logits, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
         >>> cache["blocks.0.hook_resid_pre.hook_sae_acts_post"]
         """
-        with self.saes(saes, reset_saes_end, use_error_term):
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             logits, cache = self.run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         return (logits, cache) if return_cache_object else (logits, dict(cache.items()))
 
-    def run_with_hooks_with_saes(self, *model_args, saes=(), reset_saes_end=True, fwd_hooks=(), bwd_hooks=(),
-                                 reset_hooks_end=True, clear_contexts=False, **model_kwargs):
+    def run_with_hooks_with_saes(self, *model_args, saes=(), reset_saes_end=True, exclude_special_tokens=False,
+                                 fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False, **model_kwargs):
         """``run_with_hooks`` with ``saes`` attached; hooks may name the SAEs' stages."""
-        with self.saes(saes, reset_saes_end):
+        with self.saes(saes, reset_saes_end, exclude_special_tokens=exclude_special_tokens):
             return self.run_with_hooks(*model_args, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks,
                                        reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, **model_kwargs)
