@@ -159,7 +159,8 @@ for name, env in report.get("testenvs", {}).items():
         continue
     if summary:
         for n, kind in COUNT.findall(summary):
-            totals["error" if kind.startswith("error") else kind] += int(n)
+            key = "error" if kind.startswith("error") else kind
+            totals[key] = totals.get(key, 0) + int(n)  # xfailed / xpassed too (the sae env has strict xfails)
     if not ok:
         bad.append(name)
     print(f"{name}: {summary or 'no pytest summary'} [{label}]{'' if ok else ' FAILED (exit %s)' % result.get('exit_code')}")

@@ -33,7 +33,7 @@ def switch_names(spec) -> list:
     """The switch hooks a layout serves: the per-head split inputs need a pre-norm (ln1) and q/k/v
     projections that are separate or fused contiguously; hook_mlp_in needs an MLP norm of its own."""
     names = []
-    if spec.ln1 and not spec.qkv_grouped:
+    if spec.ln1 and not spec.qkv_groups:
         names += ["hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"]
     if spec.ln2 and spec.ln2 != spec.ln1:
         names.append("hook_mlp_in")

@@ -181,6 +181,8 @@ def _run_backward(point, hooks, grad):
 
 def _call(hook, tensor, point):
     """Run one hook function with every hook inactive (a forward it runs is not hooked by its caller's hooks)."""
+    if getattr(hook.fn, "sees_caller_hooks", False):  # an SAE splice fires its stages' hooks (tlshim.saes)
+        return hook.fn(tensor, hook=point)
     token = _SCOPED.set(_INSIDE_HOOK)
     try:
         return hook.fn(tensor, hook=point)
@@ -235,9 +237,9 @@ def _merged(mapping, hooks) -> dict:
     return mapping
 
 
-def add_scoped(entries) -> list:
+def add_scoped(entries, prepend=False) -> list:
     """Add ``(point, fn, dir)`` hooks that fire only in the calling thread / asyncio task; returns them."""
-    hooks = [Hook(point, fn, dir, scoped=True) for point, fn, dir in entries]
+    hooks = [Hook(point, fn, dir, prepend=prepend, scoped=True) for point, fn, dir in entries]
     _acquire_all(hooks)
     _SCOPED.set(_merged(_SCOPED.get(), hooks))
     return hooks
