@@ -139,7 +139,7 @@ class AnalysisAPI:
 
             return save
 
-        names = [name for name in self.hook_dict if accept(name)]
+        names = [point.name for point in self._points(accept)]  # switched-off names skipped, as a filter does
         fwd = [(name, saver("", incl_bwd)) for name in names]
         bwd = [(name, saver("_grad", False)) for name in names] if incl_bwd else []
         return cache, fwd, bwd
