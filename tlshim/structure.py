@@ -19,13 +19,13 @@ import inspect
 import torch
 from torch import nn
 
-from . import norms
+from . import family_moe, norms
 from .errors import UnsupportedModelError
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
-MLP = ("mlp", "feed_forward", "ffn")
+MLP = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 #: (q, k, v, o) projection names inside the attention module
 PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"))
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
@@ -54,11 +54,12 @@ def derive_spec(model) -> ArchSpec:
     mlp_name = _child(layer, MLP, "MLP module", layers_path)
     attn, mlp = getattr(layer, attn_name), getattr(layer, mlp_name)
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
-    gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
+    moe = family_moe.detect([getattr(each, mlp_name) for each in layers], model.config, _mlp_projections)
+    gate, up, down, d_mlp = _dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
     _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
 
-    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
+    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
     flow = _probe(model, layer)
     roles = _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
     norm_kind = _norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
@@ -70,9 +71,10 @@ def derive_spec(model) -> ArchSpec:
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
     final_path = _final_norm(model, layers_path, norm_kind)
-    d_mlp = getattr(mlp, up).out_features // (2 if gate == up else 1)
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, roles["ln1"]), norm_kind)
     sizes["gated_mlp"] = gate is not None
+    if moe is not None:
+        sizes.update(num_experts=moe.n_experts, experts_per_token=moe.top_k)
     return ArchSpec(
         versions="",
         layers=layers_path,
@@ -103,6 +105,7 @@ def derive_spec(model) -> ArchSpec:
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
+        moe=moe,
     )
 
 
@@ -110,6 +113,8 @@ def describe(spec) -> str:
     """One line of what the structural path inferred, for the install warning."""
     post = f", post-norms {spec.ln1_post} / {spec.ln2_post}" if spec.ln1_post else ""
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
+    if spec.moe:
+        mlp = family_moe.describe(spec.moe) + f" (dense blocks: {mlp})"
     return (
         f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
         f"MLP {spec.mlp} {mlp}, norms {spec.ln1} / {spec.ln2}{post} ({spec.norm.tl_type}), final norm {spec.final_norm}"
@@ -155,10 +160,14 @@ def _structural_cfg(found, model):
 
 
 def _decoder_layers(model):
-    """(path, ModuleList) of the decoder blocks: the longest ModuleList of one class under the model."""
-    best = None
+    """(path, ModuleList) of the decoder blocks: the longest ModuleList of one class under the model,
+    not counting lists inside the items of another (a block's experts)."""
+    best, outer = None, []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if any(name.startswith(f"{other}.") for other in outer):
+                continue
+            outer.append(name)
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
@@ -221,10 +230,23 @@ def _mlp_projections(mlp, where):
     )
 
 
-def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
-    """The first block's layout is every block's (not so where some blocks hold a mixture of experts)."""
+def _dense_mlp(layers, mlp_name, moe, layers_path, config):
+    """(gate, up, down, d_mlp) of the first dense MLP; where every block holds a mixture of experts,
+    those of one expert (its names, where experts are modules) and the experts' width."""
     for i, layer in enumerate(layers):
-        for owner, *children in (attn_paths, mlp_paths):
+        mlp = getattr(layer, mlp_name)
+        if moe is None or not moe.is_moe(mlp):
+            gate, up, down = _mlp_projections(mlp, f"{layers_path}.{i}.{mlp_name}")
+            return gate, up, down, getattr(mlp, up).out_features // (2 if gate == up else 1)
+    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return (*(moe.expert_projections or ("gate_proj", "up_proj", "down_proj")), width)
+
+
+def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, moe=None):
+    """The first block's layout is every block's, but for the blocks that hold a mixture of experts."""
+    for i, layer in enumerate(layers):
+        moe_block = moe is not None and moe.is_moe(getattr(layer, mlp_paths[0], None))
+        for owner, *children in (attn_paths,) if moe_block else (attn_paths, mlp_paths):
             module = getattr(layer, owner, None)
             missing = [c for c in children if c and not isinstance(getattr(module, c, None), nn.Linear)]
             if module is None or missing:
