@@ -208,7 +208,7 @@ class MoeBlockSite(MlpOutSite):
         previous, self.lead = self.lead, x.shape[:-1]
         try:
             router = self.router_site
-            if self.moe.layout == "inline" and router is not None and router.routing_hooked():
+            if self.moe.layout == "inline" and router.routing_hooked():
                 return self._mixture(x)
             return wrapped(*args, **kwargs)
         finally:
@@ -216,11 +216,6 @@ class MoeBlockSite(MlpOutSite):
 
     def _mixture(self, x):
         moe, block = self.moe, self.module
-        if moe.route is None:
-            raise UnsupportedModelError(
-                f"{self.path}: none of tlshim's routing functions reproduces this block's routing, so "
-                "hook_expert_weights / hook_expert_indices cannot be served; hook_router_logits and hook_mlp_out can"
-            )
         logits = getattr(block, moe.router)(x.reshape(-1, x.shape[-1]))
         weights, indices = moe.route(logits, moe.top_k, moe.renorm)
         weights = _fire(self.router_site.weights, weights, self.lead)
@@ -238,7 +233,7 @@ class RouterSite(Site):
         self.logits = self.weights = self.indices = None
 
     def routing_hooked(self) -> bool:
-        return self.weights.active or self.indices.active
+        return any(point is not None and point.active for point in (self.weights, self.indices))
 
     def call(self, wrapped, args, kwargs):
         moe, lead = self.block.moe, self.block.lead
@@ -320,7 +315,9 @@ def plan_block(plan, moe, base, block, mlp_path, layer_site):
     mlp = site.module
     router = plan.site(f"{path}.{moe.router}", RouterSite, site)
     site.router_site = router
-    for attr in ("router_logits", "expert_weights", "expert_indices"):
+    # inline routing that no known function reproduces: the weights and indices are nowhere to be seen
+    served = ("router_logits",) if moe.layout == "inline" and moe.route is None else ("router_logits", "expert_weights", "expert_indices")
+    for attr in served:
         point = plan.point(f"{block}.mlp.hook_{attr}", mlp, f"hook_{attr}", router, site)
         setattr(router, attr.split("_")[-1], point)
     plan.swap(mlp, MoeWeights, f"{block}.mlp")

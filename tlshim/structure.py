@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from . import family_moe, norms
+from .attention import AttnSite
 from .errors import UnsupportedModelError
+from .legacy_attention import LegacyAttnSite
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
@@ -37,6 +39,8 @@ GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+#: module-level functions of a Llama-derived attention from before the registry (legacy_attention.py)
+LEGACY_ATTENTION = ("apply_rotary_pos_emb", "repeat_kv")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 #: the norm kinds a probed norm is matched against, in order
 NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER)
@@ -57,7 +61,7 @@ def derive_spec(model) -> ArchSpec:
     moe = family_moe.detect([getattr(each, mlp_name) for each in layers], model.config, _mlp_projections)
     gate, up, down, d_mlp = _dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
-    _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
+    attn_site = _attention_site(attn, f"{layers_path}.0.{attn_name}")
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
     flow = _probe(model, layer)
@@ -104,6 +108,7 @@ def derive_spec(model) -> ArchSpec:
         linear_params=fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
+        attn_site=attn_site,
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
         moe=moe,
     )
@@ -256,13 +261,18 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, m
                 )
 
 
-def _uses_attention_registry(attn, where):
+def _attention_site(attn, where):
+    """AttnSite where the attention goes through transformers' attention registry; the legacy site
+    where it is a Llama-derived class from before the registry (rotary and repeat_kv inline)."""
     source_module = importlib.import_module(type(attn).__module__)
-    if not hasattr(source_module, "eager_attention_forward") or not hasattr(attn, "config"):
-        raise UnsupportedModelError(
-            f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
-            "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
-        )
+    if hasattr(source_module, "eager_attention_forward") and hasattr(attn, "config"):
+        return AttnSite
+    if all(hasattr(source_module, name) for name in LEGACY_ATTENTION):
+        return LegacyAttnSite
+    raise UnsupportedModelError(
+        f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
+        "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
+    )
 
 
 def _parameters(function) -> tuple:

@@ -142,6 +142,8 @@ def _check_moe(model, cache, same, add):
         b = name[: -len(".hook_router_logits")]
         site = model.hook_dict[name]._sites[0]
         moe = site.block.moe
+        if f"{b}.hook_expert_indices" not in cache:  # inline routing of no known function: not served
+            continue
         indices = cache[f"{b}.hook_expert_indices"]
         ok = indices.shape[-1] == moe.top_k and bool(((indices >= 0) & (indices < moe.n_experts)).all())
         add(Finding(f"{b}.hook_expert_indices", f"holds {moe.top_k} of {moe.n_experts} experts per token", ok))
