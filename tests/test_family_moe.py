@@ -62,11 +62,8 @@ def _mixture_by_hand(block, moe, x, weights, indices):
     for t in range(flat.shape[0]):
         for k in range(idx.shape[1]):
             out[t] += w[t, k] * _expert_out(block, moe, int(idx[t, k]), flat[t : t + 1])[0]
-    if moe.shared:
-        shared = getattr(block, moe.shared)(flat)
-        if moe.shared_gate:
-            shared = torch.sigmoid(getattr(block, moe.shared_gate)(flat)) * shared
-        out = out + shared
+    if hasattr(block, "shared_expert"):  # Qwen2-MoE: a dense expert every token takes, behind a sigmoid gate
+        out = out + torch.sigmoid(block.shared_expert_gate(flat)) * block.shared_expert(flat)
     return out.reshape(x.shape)
 
 
@@ -165,7 +162,7 @@ def test_per_expert_hooks_where_experts_are_modules(moe_model):
     names = [n for n in moe_model.hook_dict if n.startswith("blocks.0.mlp.experts.")]
     if moe.layout != "inline":
         assert names == []  # one module of 3-D parameters: no per-expert modules to hook
-        with pytest.raises(UnsupportedModelError, match=r"mlp.W_in .*mlp.experts.gate_up_proj"):
+        with pytest.raises(UnsupportedModelError, match=r"mlp.W_in .*blocks\[i\].mlp.experts.gate_up_proj"):
             moe_model.blocks[0].mlp.W_in
         return
     assert {f"blocks.0.mlp.experts.{j}.hook_post" for j in range(4)} <= set(names)
@@ -201,4 +198,45 @@ def test_gpt_oss_pattern_rows_leave_the_sinks_share():
         share = 1 / (1 + torch.exp(scores - sinks.view(1, -1, 1, 1)).sum(-1))
         torch.testing.assert_close(pattern.sum(-1), 1 - share)
         assert (pattern.sum(-1) <= 1 + 1e-6).all() and (pattern.sum(-1) < 0.99).any()
+    tlshim.uninstall(model)
+
+
+@pytest.mark.parametrize("role", ["q", "k"])
+def test_rotated_q_or_k_zeroed_gives_uniform_causal_attention(moe_model, role):
+    """Known answer, on registry and pre-registry (Qwen2-MoE, OLMoE on 4.x) attention alike: with
+    head 0's rotated query (or key-value head 0's rotated keys) zeroed, the scores of the heads reading
+    it are 0, so each row spreads 1 / (i + 1) over its causal keys."""
+    ids = tokens()
+    n_rep = moe_model.cfg.n_heads // moe_model.cfg.n_key_value_heads
+
+    def zero_head0(x, hook):
+        x = x.clone()
+        x[:, :, 0] = 0
+        return x
+
+    with torch.no_grad(), moe_model.hooks(fwd_hooks=[(f"blocks.0.attn.hook_rot_{role}", zero_head0)]):
+        _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n == "blocks.0.attn.hook_pattern", use_cache=False)
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    heads = 1 if role == "q" else n_rep
+    if hasattr(moe_model.blocks[0].attn, "sinks"):
+        pattern = pattern / pattern.sum(-1, keepdim=True)  # the sink's share aside
+    uniform = torch.tril(torch.ones(12, 12)) / torch.arange(1, 13)[:, None]
+    torch.testing.assert_close(pattern[:, :heads], uniform.expand(2, heads, 12, 12))
+    assert not torch.allclose(pattern[:, heads], uniform)  # the other heads keep their own pattern
+
+
+def test_routing_no_known_function_reproduces_serves_what_it_can():
+    """PhiMoE routes by sparsemixer: its router output is observed (5.x), never re-derived; an edit of
+    its router logits raises naming what to edit instead; inline (4.x) it serves router_logits only."""
+    model = _installed("phimoe")
+    block, moe = _block(model)
+    assert moe.route is None
+    names = {n.rsplit(".", 1)[-1] for n in model.hook_dict if n.startswith("blocks.0.mlp.hook_")}
+    if moe.layout == "inline":
+        assert names == {"hook_router_logits"}
+    else:
+        assert names == {"hook_router_logits", "hook_expert_weights", "hook_expert_indices"}
+        with pytest.raises(UnsupportedModelError, match="edit hook_expert_weights / hook_expert_indices instead"):
+            model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.mlp.hook_router_logits", lambda x, hook: x + 1)], use_cache=False)
+    assert tlshim.verify(model, tokens()).ok
     tlshim.uninstall(model)

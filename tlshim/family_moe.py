@@ -114,9 +114,10 @@ def _probe(block, spec):
     """Run ``block`` once on a fixed random input: which layout it has and which routing it does."""
     router = getattr(block, spec.router)
     weight = router.weight
+    dtype = next(getattr(block, spec.experts).parameters()).dtype  # the hidden states' (a router may keep float32)
     seen = {}
     handle = router.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
-    x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
     try:
         with torch.no_grad():
             native = block(x)
@@ -134,11 +135,12 @@ def _probe(block, spec):
     else:
         raise UnsupportedModelError(f"the router of {type(block).__name__} returns {type(out).__name__}, not (logits, weights, indices)")
     spec = _replace(spec, returns_logits=isinstance(native, tuple))
+    tries = [(route, renorm) for route in ROUTES for renorm in (spec.renorm, not spec.renorm)]
     for same in (torch.equal, torch.allclose):  # a function giving the very bits first
-        for route in ROUTES:
-            candidate = _replace(spec, route=route)
+        for route, renorm in tries:
+            candidate = _replace(spec, route=route, renorm=renorm)
             with torch.no_grad():
-                weights, indices = route(logits, spec.top_k, spec.renorm)
+                weights, indices = route(logits, spec.top_k, renorm)
                 if want is None:
                     got, want_out = _first(mixture(block, candidate, x, weights, indices)), _first(native)
                     ok = same(got, want_out)
@@ -278,11 +280,14 @@ class MoeWeights:
     def _tl_moe_error(self, name):
         experts = getattr(self, type(self)._tlshim_spec.moe.experts)
         form = (
-            f"mlp.experts[j].{name} (expert j of {len(experts)})"
+            f"blocks[i].mlp.experts[j].{name} (expert j of {len(experts)})"
             if isinstance(experts, nn.ModuleList)
-            else f"the experts' stacked parameters mlp.experts.{', mlp.experts.'.join(n for n, _ in experts.named_parameters())}"
+            else "the experts' stacked parameters "
+            + ", ".join(f"blocks[i].mlp.experts.{n}" for n, _ in experts.named_parameters())
         )
-        return UnsupportedModelError(f"mlp.{name} does not exist on a mixture-of-experts block: each expert has its own; use {form}")
+        return UnsupportedModelError(
+            f"blocks[i].mlp.{name} does not exist on a mixture-of-experts block: each expert has its own; use {form}"
+        )
 
     @property
     def W_in(self):
