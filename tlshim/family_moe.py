@@ -2,7 +2,8 @@
 
 Three layouts, told apart on a probe of one MoE block (``detect``), never by version number:
 - a router module returning (logits, weights, indices) and one experts module of 3-D parameters fed
-  (hidden, indices, weights) (transformers 5.x): the router hooks fire on the router's output;
+  (hidden, indices, weights) (transformers 5.x): the router hooks fire on the router's output
+  (where its first output is not the logits, as in 5.0's probabilities, see the next layout);
 - a router returning (dense scores over all experts, indices) (gpt-oss on 4.x): the same, the
   weights gathered out of (and an edit scattered back into) the dense scores, the logits computed
   from the router's own weight while hooked;
@@ -63,6 +64,8 @@ class MoeSpec:
     shared_gate: str | None = None
     #: the block returns (output, router_logits) (4.x)
     returns_logits: bool = False
+    #: the router's (first) output is its logits; else they are computed from its weight while hooked
+    logits_out: bool = True
     #: (gate, up, down) projection names of one expert module (inline layout)
     expert_projections: tuple = ()
 
@@ -124,12 +127,13 @@ def _probe(block, spec):
     finally:
         handle.remove()
     out = seen.get("out")
+    computed = router_logits(router, x.reshape(-1, x.shape[-1]))
     if isinstance(out, tuple) and len(out) == 2:
-        spec = _replace(spec, layout="pair")
-        logits = router_logits(router, x.reshape(-1, x.shape[-1]))
-        want = (out[0].gather(-1, out[1]), out[1])
-    elif isinstance(out, tuple):
-        logits, want = out[0], (out[1], out[2])
+        spec = _replace(spec, layout="pair", logits_out=False)
+        logits, want = computed, (out[0].gather(-1, out[1]), out[1])
+    elif isinstance(out, tuple):  # (logits, weights, indices); transformers 5.0 gives probabilities first
+        spec = _replace(spec, logits_out=_same(out[0], computed))
+        logits, want = computed, (out[1], out[2])
     elif spec.layout == "inline":
         logits, want = out, None
     else:
@@ -149,6 +153,10 @@ def _probe(block, spec):
             if ok:
                 return candidate
     return spec
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 def _replace(spec, **fields):
@@ -239,11 +247,14 @@ class RouterSite(Site):
 
     def call(self, wrapped, args, kwargs):
         moe, lead = self.block.moe, self.block.lead
-        if moe.layout == "pair" and self.logits.active:  # the logits are no output: computed and routed here
+        if not moe.logits_out and self.logits.active:  # the logits are no output: computed and routed here
             flat = first_input(args, kwargs)
             logits = router_logits(self.module, flat.reshape(-1, flat.shape[-1]))
             edited = _fire(self.logits, logits, lead)
-            out = wrapped(*args, **kwargs) if edited is logits else self._dense(self._route(edited))
+            if edited is logits:
+                out = wrapped(*args, **kwargs)
+            else:
+                out = self._dense(self._route(edited)) if moe.layout == "pair" else (edited, *self._route(edited))
         else:
             out = wrapped(*args, **kwargs)
         if not isinstance(out, tuple):  # inline: the gate's output is the logits
@@ -253,11 +264,12 @@ class RouterSite(Site):
             new = (_fire(self.weights, weights, lead), _fire(self.indices, indices, lead))
             return out if new[0] is weights and new[1] is indices else self._dense(new)
         logits, weights, indices = out[:3]
-        edited = _fire(self.logits, logits, lead)
-        if edited is not logits:
-            weights, indices = self._route(edited)
-            weights = weights.to(out[1].dtype)
-        return (edited, _fire(self.weights, weights, lead), _fire(self.indices, indices, lead), *out[3:])
+        if moe.logits_out:
+            edited = _fire(self.logits, logits, lead)
+            if edited is not logits:
+                weights, indices = self._route(edited)
+                logits, weights = edited, weights.to(out[1].dtype)
+        return (logits, _fire(self.weights, weights, lead), _fire(self.indices, indices, lead), *out[3:])
 
     def _route(self, logits):
         moe = self.block.moe
