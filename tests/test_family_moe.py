@@ -131,7 +131,8 @@ def test_expert_indices_edit_routes_every_token_to_the_chosen_experts(moe_model)
         return new
 
     with torch.no_grad(), moe_model.hooks(fwd_hooks=[("blocks.0.mlp.hook_expert_indices", to_experts_3_and_0)]):
-        _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in ("blocks.0.mlp.hook_expert_weights", "blocks.0.hook_mlp_out"), use_cache=False)
+        names = ("blocks.0.mlp.hook_expert_weights", "blocks.0.hook_mlp_out")
+        _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
     with torch.no_grad():
         x = _mlp_input(moe_model, ids)
         indices = torch.tensor([3, 0]).expand(2, 12, 2)

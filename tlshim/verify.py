@@ -112,7 +112,8 @@ def _verify(model, input_ids):
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
         sinks = getattr(block.attn, "sinks", None)
         if sinks is not None:  # HOOKS.md: the sink takes the rest of each row's mass
-            same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores, sink logit) over the real keys", pattern, sink_softmax(scores, sinks), exact=False)
+            want = sink_softmax(scores, sinks)
+            same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores, sink logit) over the real keys", pattern, want, exact=False)
         else:
             same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores)", pattern, torch.softmax(scores.float(), -1).to(pattern.dtype), exact=False)
         n_rep = _at(cfg.n_heads, i) // _at(cfg.n_key_value_heads, i)
@@ -150,7 +151,8 @@ def _check_moe(model, cache, same, add):
         if moe.route is not None:
             weights, want = moe.route(logits, moe.top_k, moe.renorm)
             same(f"{b}.hook_expert_indices", "= the routing of hook_router_logits", indices, want)
-            same(f"{b}.hook_expert_weights", "= the routing of hook_router_logits", cache[f"{b}.hook_expert_weights"], weights.to(cache[f"{b}.hook_expert_weights"].dtype), exact=False)
+            got = cache[f"{b}.hook_expert_weights"]
+            same(f"{b}.hook_expert_weights", "= the routing of hook_router_logits", got, weights.to(got.dtype), exact=False)
 
 
 def _at(value, i):
