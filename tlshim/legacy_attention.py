@@ -6,6 +6,8 @@ They compute attention inline: eager ones as ``matmul(q, k^T) / sqrt(d) + mask``
 active for that module's forward only sees those calls: rot_q and rot_k fire on the first matmul's
 (or sdpa's) query and keys (the keys once per key-value head, the new positions only), attn_scores
 on the softmax input, pattern on its output; an sdpa call is computed eagerly then (attention.py).
+The cache update comes before these calls: with a KV cache, an edit of rot_k reaches this forward's
+attention but not the cached keys.
 """
 
 from __future__ import annotations
