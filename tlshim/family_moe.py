@@ -84,7 +84,17 @@ def detect(blocks, config, projections):
     found = [b for b in blocks if _child(b, ROUTERS) and _child(b, EXPERTS)]
     if not found:
         return None
-    block = found[0]
+    try:
+        return _spec(found[0], config, projections)
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # a router or experts of another shape: say so, do not crash the install
+        raise UnsupportedModelError(
+            f"the mixture-of-experts block {type(found[0]).__name__} fits none of tlshim's layouts ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _spec(block, config, projections):
     router, experts = _child(block, ROUTERS), _child(block, EXPERTS)
     shared = next(((s, g) for s, g in SHARED if _child(block, (s,))), (None, None))
     if shared[1] is not None and not _child(block, (shared[1],)):
@@ -128,6 +138,8 @@ def _probe(block, spec):
         handle.remove()
     out = seen.get("out")
     computed = router_logits(router, x.reshape(-1, x.shape[-1]))
+    if _indices(out) is None:
+        raise UnsupportedModelError(f"the router of {type(block).__name__} returns no expert indices where tlshim looks for them")
     if isinstance(out, tuple) and len(out) == 2:
         spec = _replace(spec, layout="pair", logits_out=False)
         logits, want = computed, (out[0].gather(-1, out[1]), out[1])
@@ -153,6 +165,15 @@ def _probe(block, spec):
             if ok:
                 return candidate
     return spec
+
+
+def _indices(out):
+    """The expert indices of a router's output ((.., indices) or (logits, weights, indices)); the
+    logits themselves for a gate whose output is a tensor."""
+    if not isinstance(out, tuple):
+        return out
+    found = out[1] if len(out) == 2 else out[2] if len(out) >= 3 else None
+    return found if isinstance(found, torch.Tensor) and not found.is_floating_point() else None
 
 
 def _same(a, b) -> bool:
