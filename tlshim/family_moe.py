@@ -16,6 +16,7 @@ An edited hook_router_logits is routed again by the routing function the probe m
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +215,9 @@ def mixture(block, moe, x, weights, indices):
 
 # ------------------------------------------------------------------------------------ sites
 
+#: {MoeBlockSite: (batch, pos)} of the MoE block calls in progress in this thread / task
+_LEADS: contextvars.ContextVar = contextvars.ContextVar("tlshim_moe_leads", default={})
+
 
 def _fire(point, tensor, lead):
     """Fire ``point`` on a (tokens, n) tensor viewed as (batch, pos, n)."""
@@ -232,18 +236,21 @@ class MoeBlockSite(MlpOutSite):
         super().__init__(module, path, layer_site)
         self.moe = moe
         self.router_site = None
-        self.lead = None
+
+    @property
+    def lead(self):
+        """(batch, pos) of this block's call in progress in this thread / task, else None."""
+        return _LEADS.get().get(self)
 
     def call(self, wrapped, args, kwargs):
         x = first_input(args, kwargs)
-        previous, self.lead = self.lead, x.shape[:-1]
+        token = _LEADS.set({**_LEADS.get(), self: x.shape[:-1]})
         try:
-            router = self.router_site
-            if self.moe.layout == "inline" and router.routing_hooked():
+            if self.moe.layout == "inline" and self.router_site.routing_hooked():
                 return self._mixture(x)
             return wrapped(*args, **kwargs)
         finally:
-            self.lead = previous
+            _LEADS.reset(token)
 
     def _mixture(self, x):
         moe, block = self.moe, self.module
