@@ -61,7 +61,7 @@ def derive_spec(model) -> ArchSpec:
     moe = family_moe.detect([getattr(each, mlp_name) for each in layers], model.config, _mlp_projections)
     gate, up, down, d_mlp = _dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
-    attn_site = _attention_site(attn, f"{layers_path}.0.{attn_name}")
+    attn_site = _attention_site(attn, f"{layers_path}.0.{attn_name}", (q, k, v, o))
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
     flow = _probe(model, layer)
@@ -261,13 +261,17 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, m
                 )
 
 
-def _attention_site(attn, where):
+def _attention_site(attn, where, projections):
     """AttnSite where the attention goes through transformers' attention registry; the legacy site
-    where it is a Llama-derived class from before the registry (rotary and repeat_kv inline)."""
+    where it is a Llama-derived class from before the registry (rotary and repeat_kv inline) with
+    no parameters beyond its projections and q/k norms (not so DiffLlama's lambdas)."""
     source_module = importlib.import_module(type(attn).__module__)
     if hasattr(source_module, "eager_attention_forward") and hasattr(attn, "config"):
         return AttnSite
-    if all(hasattr(source_module, name) for name in LEGACY_ATTENTION):
+    known = {*projections, *(name for pair in QK_NORMS for name in pair)}
+    if all(hasattr(source_module, name) for name in LEGACY_ATTENTION) and all(
+        name.split(".")[0] in known for name, _ in attn.named_parameters()
+    ):
         return LegacyAttnSite
     raise UnsupportedModelError(
         f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
