@@ -241,3 +241,13 @@ def test_routing_no_known_function_reproduces_serves_what_it_can():
             model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.mlp.hook_router_logits", lambda x, hook: x + 1)], use_cache=False)
     assert tlshim.verify(model, tokens()).ok
     tlshim.uninstall(model)
+
+
+def test_a_moe_block_of_another_shape_is_refused_naming_it():
+    """Llama 4's router returns (scores, logits), no expert indices: install refuses, naming the block."""
+    if "llama4_text" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no llama4_text")
+    model = build("llama4_text")
+    with pytest.raises(UnsupportedModelError, match="Llama4TextMoe"):
+        tlshim.install(model)
+    assert not tlshim.is_installed(model)
