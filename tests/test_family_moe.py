@@ -251,3 +251,30 @@ def test_a_moe_block_of_another_shape_is_refused_naming_it():
     with pytest.raises(UnsupportedModelError, match="Llama4TextMoe"):
         tlshim.install(model)
     assert not tlshim.is_installed(model)
+
+
+def test_backward_hooks_get_the_routing_gradients(moe_model):
+    """dL/d(expert weights) reaches its backward hook and equals, per slot, <dL/d(mlp_out), what that
+    expert gave>; dL/d(router logits) arrives too; the forward stays the idle one bit for bit."""
+    ids = tokens()
+    block, moe = _block(moe_model)
+    grads, fwd = {}, {}
+    names = ("blocks.0.mlp.hook_expert_weights", "blocks.0.mlp.hook_router_logits", "blocks.0.hook_mlp_out")
+    with torch.no_grad():
+        idle = moe_model(input_ids=ids, use_cache=False).logits
+        x = _mlp_input(moe_model, ids)
+    fwd_hooks = [(n, lambda t, hook: fwd.__setitem__(hook.name, t.detach())) for n in ("blocks.0.mlp.hook_expert_indices",)]
+    bwd_hooks = [(n, lambda g, hook: grads.__setitem__(hook.name, g.detach())) for n in names]
+    with moe_model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+        logits = moe_model(input_ids=ids, use_cache=False).logits
+        assert torch.equal(logits, idle)
+        logits.sum().backward()
+    assert grads["blocks.0.mlp.hook_router_logits"].shape == (2, 12, 4)
+    indices, d_out = fwd["blocks.0.mlp.hook_expert_indices"], grads["blocks.0.hook_mlp_out"]
+    with torch.no_grad():
+        flat, idx = x.reshape(-1, x.shape[-1]), indices.reshape(-1, 2)
+        d_flat = d_out.reshape(-1, d_out.shape[-1])
+        want = torch.tensor(
+            [[(d_flat[t] * _expert_out(block, moe, int(idx[t, k]), flat[t : t + 1])[0]).sum() for k in range(2)] for t in range(len(flat))]
+        ).reshape(2, 12, 2)
+    torch.testing.assert_close(grads["blocks.0.mlp.hook_expert_weights"], want, rtol=1e-4, atol=1e-4)

@@ -220,12 +220,15 @@ _LEADS: contextvars.ContextVar = contextvars.ContextVar("tlshim_moe_leads", defa
 
 
 def _fire(point, tensor, lead):
-    """Fire ``point`` on a (tokens, n) tensor viewed as (batch, pos, n)."""
+    """(what flows on, whether a hook edited it): ``point`` fired on a (tokens, n) tensor viewed as
+    (batch, pos, n); the fired view flows on where it carries backward hooks."""
     if point is None or not point.active:
-        return tensor
+        return tensor, False
     view = tensor.reshape(*lead, tensor.shape[-1]) if lead is not None else tensor
     out = point.fire(view)
-    return tensor if out is view else out.reshape(tensor.shape)
+    if out is view and not point.bwd_hooks:
+        return tensor, False
+    return out.reshape(tensor.shape), out is not view
 
 
 class MoeBlockSite(MlpOutSite):
@@ -256,8 +259,8 @@ class MoeBlockSite(MlpOutSite):
         moe, block = self.moe, self.module
         logits = getattr(block, moe.router)(x.reshape(-1, x.shape[-1]))
         weights, indices = moe.route(logits, moe.top_k, moe.renorm)
-        weights = _fire(self.router_site.weights, weights, self.lead)
-        indices = _fire(self.router_site.indices, indices, self.lead)
+        weights = _fire(self.router_site.weights, weights, self.lead)[0]
+        indices = _fire(self.router_site.indices, indices, self.lead)[0]
         out = mixture(block, moe, x, weights, indices)
         return (out, logits) if moe.returns_logits else out
 
@@ -278,26 +281,31 @@ class RouterSite(Site):
         if not moe.logits_out and self.logits.active:  # the logits are no output: computed and routed here
             flat = first_input(args, kwargs)
             logits = router_logits(self.module, flat.reshape(-1, flat.shape[-1]))
-            edited = _fire(self.logits, logits, lead)
-            if edited is logits:
+            routed = self._fired_logits(logits, lead)
+            if routed is None:
                 out = wrapped(*args, **kwargs)
             else:
-                out = self._dense(self._route(edited)) if moe.layout == "pair" else (edited, *self._route(edited))
+                out = self._dense(self._route(routed)) if moe.layout == "pair" else (routed, *self._route(routed))
         else:
             out = wrapped(*args, **kwargs)
         if not isinstance(out, tuple):  # inline: the gate's output is the logits
-            return _fire(self.logits, out, lead)
+            return _fire(self.logits, out, lead)[0]
         if moe.layout == "pair":
             weights, indices = out[0].gather(-1, out[1]), out[1]
-            new = (_fire(self.weights, weights, lead), _fire(self.indices, indices, lead))
+            new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
             return out if new[0] is weights and new[1] is indices else self._dense(new)
         logits, weights, indices = out[:3]
-        if moe.logits_out:
-            edited = _fire(self.logits, logits, lead)
-            if edited is not logits:
-                weights, indices = self._route(edited)
-                logits, weights = edited, weights.to(out[1].dtype)
-        return (logits, _fire(self.weights, weights, lead), _fire(self.indices, indices, lead), *out[3:])
+        routed = self._fired_logits(logits, lead) if moe.logits_out else None
+        if routed is not None:
+            weights, indices = self._route(routed)
+            logits, weights = routed, weights.to(out[1].dtype)
+        return (logits, _fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0], *out[3:])
+
+    def _fired_logits(self, logits, lead):
+        """hook_router_logits fired on ``logits``: the logits to route by where a hook edited them (or
+        where backward hooks need the routing in the graph and the routing is known), else None."""
+        value, edited = _fire(self.logits, logits, lead)
+        return value if edited or (value is not logits and self.block.moe.route is not None) else None
 
     def _route(self, logits):
         moe = self.block.moe
