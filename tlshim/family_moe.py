@@ -379,8 +379,8 @@ def plan_block(plan, moe, base, block, mlp_path, layer_site):
     gate, up, down = moe.expert_projections
     for j, expert in enumerate(getattr(mlp, moe.experts)):
         rel = f"{mlp_path}.{moe.experts}.{j}"
-        names = (("gate", gate, "hook_pre"), ("up", up, "hook_pre_linear")) if gate else (("up", up, "hook_pre"),)
-        _plan_projections(plan, [(attr, f"{rel}.{name}", None) for _, name, attr in names], base, block, expert, f"mlp.experts.{j}")
+        names = (("hook_pre", gate), ("hook_pre_linear", up)) if gate else (("hook_pre", up),)
+        _plan_projections(plan, [(attr, f"{rel}.{name}", None) for attr, name in names], base, block, expert, f"mlp.experts.{j}")
         down_site = plan.site(f"{base}.{rel}.{down}")
         down_site.in_points.append((plan.point(f"{block}.mlp.experts.{j}.hook_post", expert, "hook_post", down_site), None))
         plan.swap(expert, MlpWeights, f"{block}.mlp.experts.{j}")
