@@ -102,7 +102,26 @@ def _failures(model, twin, ids, native):
             handle.remove()
         if (steered - by_hand).abs().max() > 1e-5 * by_hand.abs().max():  # the sum order differs: not bit for bit
             failures.append(f"an edit of {name} differs from adding the vector after attention by hand")
+        failures += _moe_failures(model, twin, ids, spec)
     return failures
+
+
+def _moe_failures(model, twin, ids, spec):
+    """Zeroed routing weights in the first MoE block equal zeroing its experts' output by hand (bit for bit)."""
+    moe_blocks = [i for i in range(model.cfg.n_layers) if f"blocks.{i}.mlp.hook_expert_weights" in model.hook_dict]
+    if not moe_blocks:
+        return []
+    i = moe_blocks[0]
+    zeroed = model.run_with_hooks(ids, fwd_hooks=[(f"blocks.{i}.mlp.hook_expert_weights", lambda w, hook: torch.zeros_like(w))], use_cache=False)
+    experts = get_path(twin, f"{spec.layers}.{i}.{spec.mlp}.{spec.moe.experts}")
+    modules = experts if isinstance(experts, torch.nn.ModuleList) else [experts]
+    handles = [m.register_forward_hook(lambda m, args, out: torch.zeros_like(out)) for m in modules]
+    try:
+        by_hand = twin(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [] if torch.equal(zeroed, by_hand) else ["an edit of hook_expert_weights differs from zeroing the experts by hand"]
 
 
 def _zero_head0(z, hook):

@@ -243,11 +243,23 @@ def eager_attention(module, site, query, key, value, attention_mask, scaling, dr
         scores = torch.tanh(scores / softcap) * softcap
     scores = _apply_mask(module, site, scores, attention_mask, kwargs.get("is_causal"))
     scores = site.scores.fire(scores)
-    pattern = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:  # gpt-oss: a per-head sink logit takes a share of each row, then is dropped
+        pattern = sink_softmax(scores, sinks)
+    else:
+        pattern = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = site.pattern.fire(pattern)
     weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, pattern
+
+
+def sink_softmax(scores, sinks):
+    """The attention pattern over the real keys with attention sinks, in the ops of gpt-oss's eager kernel."""
+    sinks = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], -1)
+    combined = torch.cat([scores, sinks], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return torch.nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
 def _apply_mask(module, site, scores, mask, is_causal):

@@ -38,7 +38,8 @@ def check_config(model, spec, cfg):
             if rows != n * d_head:
                 compare(field, n, f"{rows} outputs = {rows / d_head:g} heads of d_head {d_head}", f"blocks.{i}.attn's {role} projection")
             compare("d_model", cfg.d_model, cols, f"blocks.{i}.attn's {role} projection (inputs)")
-        compare("d_mlp", _at(cfg.d_mlp, i), spec.mlp_weights(mlp, "up")[0].shape[0], f"blocks.{i}.mlp's up projection")
+        if spec.moe is None or not spec.moe.is_moe(mlp):  # experts: per expert, see family_moe
+            compare("d_mlp", _at(cfg.d_mlp, i), spec.mlp_weights(mlp, "up")[0].shape[0], f"blocks.{i}.mlp's up projection")
     if problems:
         raise UnsupportedModelError(
             "the model's config contradicts its modules, so tlshim would split heads and read sizes wrongly: "

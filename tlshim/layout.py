@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+from . import family_moe
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -156,6 +157,9 @@ def _plan_layer(plan: Plan, i: int):
     attn_out_site = plan.site(rel(spec.attn_out))
     attn_out_site.out_points.append((plan.point(f"{block}.hook_attn_out", layer, "hook_attn_out", attn_out_site), None))
 
+    moe = spec.moe is not None and spec.moe.is_moe(mlp)
+    if moe:
+        family_moe.plan_block(plan, spec.moe, base, block, spec.mlp, layer_site)
     mlp_out_site = plan.site(rel(spec.mlp_out), parallel.CopyOutSite if spec.parallel else MlpOutSite, layer_site)
     if spec.parallel:
         aliases["ln2"] = parallel.plan_ln2(plan, spec, ln1, rel, block).module
@@ -170,11 +174,12 @@ def _plan_layer(plan: Plan, i: int):
         if spec.ln2:
             aliases["ln2"] = _plan_norm(plan, rel(spec.ln2), f"{block}.ln2", layer_site).module
 
-    mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
-    mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
-    _plan_projections(plan, mlp_points, base, block, mlp, "mlp")
-    down = plan.site(rel(f"{spec.mlp}.{spec.down_proj}"))
-    down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
+    if not moe:
+        mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
+        mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
+        _plan_projections(plan, mlp_points, base, block, mlp, "mlp")
+        down = plan.site(rel(f"{spec.mlp}.{spec.down_proj}"))
+        down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
     layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))

@@ -139,6 +139,8 @@ class ArchSpec:
     mlp_params: object = mlp_linear_params
     head_counts: object = llama_head_counts
     tl_config: object = llama_family_cfg
+    #: the mixture-of-experts layout of the blocks that have one (family_moe.MoeSpec), else None
+    moe: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
 

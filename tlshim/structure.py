@@ -21,17 +21,18 @@ import inspect
 import torch
 from torch import nn
 
+from . import family_moe, inline_attention, norms
 from . import family_parallel as parallel
-from . import inline_attention, norms
 from .attention import AttnSite
 from .errors import UnsupportedModelError
-from .sites import HeadsFirstSite, Site
 from .inline_attention import InlineAttnSite
+from .legacy_attention import LegacyAttnSite
+from .sites import HeadsFirstSite, Site
 from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
-MLP = ("mlp", "feed_forward", "ffn")
+MLP = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 #: (q, k, v, o) projection names inside the attention module
 PROJECTIONS = (
     ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"),
@@ -47,11 +48,12 @@ GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+#: module-level functions of a Llama-derived attention from before the registry (legacy_attention.py)
+LEGACY_ATTENTION = ("apply_rotary_pos_emb", "repeat_kv")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 #: modules or parameters of the attention module, then of the MLP, that change what their hooks would
 #: hold, so the structural path refuses them (name: what it is); a family that serves one drops it here
 UNSERVED_ATTENTION = {
-    "sinks": "attention sinks (a learned logit per head in the softmax, gpt-oss style)",
     "attn_sub_norm": "a norm between the attention kernel and o_proj (BitNet), so hook_z is not pattern @ v",
     "lambda_q1": "differential attention (two softmax maps subtracted, then a group norm: DiffLlama)",
     "gate_proj": "an output gate on the attention output before o_proj, so hook_z is not pattern @ v",
@@ -73,16 +75,15 @@ def derive_spec(model) -> ArchSpec:
     mlp_name = _child(layer, MLP, "MLP module", layers_path)
     attn, mlp = getattr(layer, attn_name), getattr(layer, mlp_name)
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
-    gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
+    moe = family_moe.detect([getattr(each, mlp_name) for each in layers], model.config, _mlp_projections)
+    gate, up, down, d_mlp = _dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     qk_norm = next((pair for pair in QK_NORMS if all(_looks_like_norm(getattr(attn, n, None)) for n in pair)), (None, None))
-    registry = _uses_attention_registry(attn)
     _refuse_unserved(attn, UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     _refuse_unserved(mlp, UNSERVED_MLP, f"{layers_path}.0.{mlp_name}")
 
-    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
+    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
     flow = _probe(model, layer, {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
-    if not registry:
-        _check_inline_attention(model, layer, attn, f"{layers_path}.0.{attn_name}")
+    attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o))
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
     first_norm = roles["ln1"] or roles["ln1_post"]
     norm_kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
@@ -94,10 +95,11 @@ def derive_spec(model) -> ArchSpec:
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
     final_path = _final_norm(model, layers_path, norm_kind)
-    d_mlp = getattr(mlp, up).out_features // (2 if gate == up else 1)
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
+    if moe is not None:
+        sizes.update(num_experts=moe.n_experts, experts_per_token=moe.top_k)
     grouped = parallel.GROUPED_QKV.get((q, o)) if q == k else None
     return ArchSpec(
         versions="",
@@ -132,8 +134,9 @@ def derive_spec(model) -> ArchSpec:
         linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
-        attn_site=AttnSite if registry else InlineAttnSite,
+        attn_site=attn_site,
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
+        moe=moe,
     )
 
 
@@ -142,6 +145,8 @@ def describe(spec) -> str:
     post = f", post-norms {spec.ln1_post} / {spec.ln2_post}" if spec.ln1_post else ""
     post += "" if spec.ln1 else " only"
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
+    if spec.moe:
+        mlp = family_moe.describe(spec.moe) + f" (dense blocks: {mlp})"
     return (
         f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
         f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
@@ -195,10 +200,14 @@ def _structural_cfg(found, model):
 
 
 def _decoder_layers(model):
-    """(path, ModuleList) of the decoder blocks: the longest ModuleList of one class under the model."""
-    best = None
+    """(path, ModuleList) of the decoder blocks: the longest ModuleList of one class under the model,
+    not counting lists inside the items of another (a block's experts)."""
+    best, outer = None, []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if any(name.startswith(f"{other}.") for other in outer):
+                continue
+            outer.append(name)
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
@@ -267,10 +276,23 @@ def _mlp_projections(mlp, where):
     )
 
 
-def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
-    """The first block's layout is every block's (not so where some blocks hold a mixture of experts)."""
+def _dense_mlp(layers, mlp_name, moe, layers_path, config):
+    """(gate, up, down, d_mlp) of the first dense MLP; where every block holds a mixture of experts,
+    those of one expert (its names, where experts are modules) and the experts' width."""
     for i, layer in enumerate(layers):
-        for owner, *children in (attn_paths, mlp_paths):
+        mlp = getattr(layer, mlp_name)
+        if moe is None or not moe.is_moe(mlp):
+            gate, up, down = _mlp_projections(mlp, f"{layers_path}.{i}.{mlp_name}")
+            return gate, up, down, getattr(mlp, up).out_features // (2 if gate == up else 1)
+    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return (*(moe.expert_projections or ("gate_proj", "up_proj", "down_proj")), width)
+
+
+def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, moe=None):
+    """The first block's layout is every block's, but for the blocks that hold a mixture of experts."""
+    for i, layer in enumerate(layers):
+        moe_block = moe is not None and moe.is_moe(getattr(layer, mlp_paths[0], None))
+        for owner, *children in (attn_paths,) if moe_block else (attn_paths, mlp_paths):
             module = getattr(layer, owner, None)
             missing = [c for c in children if c and not isinstance(getattr(module, c, None), nn.Linear)]
             if module is None or missing:
@@ -280,21 +302,25 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
                 )
 
 
-def _uses_attention_registry(attn) -> bool:
-    """Whether the attention picks its kernel from transformers' registry by ``config._attn_implementation``
-    (else its ops are watched inline: inline_attention.py)."""
+def _attention_site(model, layer, attn, where, projections):
+    """The site class of the attention: AttnSite where it goes through transformers' attention registry;
+    the legacy site where it is a Llama-derived class from before the registry (rotary and repeat_kv
+    inline) with no parameters beyond its projections and q/k norms (not so DiffLlama's lambdas); else
+    the inline site, where the probe sees it compute softmax(q @ k^T) or call sdpa itself."""
     source_module = importlib.import_module(type(attn).__module__)
-    return all(hasattr(source_module, name) for name in ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")) and hasattr(attn, "config")
-
-
-def _check_inline_attention(model, layer, attn, where):
-    """Attention outside the registry is served from its ops (inline_attention.py): it must take a
-    query-key product and a softmax (or call sdpa)."""
-    if not inline_attention.computes_attention(attn, lambda: _probe(model, layer, {})):
-        raise UnsupportedModelError(
-            f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
-            "softmax(q @ k^T) or sdpa itself, so hook_rot_q / hook_attn_scores cannot be served"
-        )
+    if all(hasattr(source_module, name) for name in ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")) and hasattr(attn, "config"):
+        return AttnSite
+    known = {*projections, *(name for pair in QK_NORMS for name in pair)}
+    if all(hasattr(source_module, name) for name in LEGACY_ATTENTION) and all(
+        name.split(".")[0] in known for name, _ in attn.named_parameters()
+    ):
+        return LegacyAttnSite
+    if inline_attention.computes_attention(attn, lambda: _probe(model, layer, {})):
+        return InlineAttnSite
+    raise UnsupportedModelError(
+        f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
+        "softmax(q @ k^T) or sdpa itself, so hook_rot_q / hook_attn_scores cannot be served"
+    )
 
 
 def _refuse_unserved(module, table, where):

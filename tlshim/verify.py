@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .attention import sink_softmax
 from .spec import get_path
 from .tl_switches import all_switched_on
 
@@ -115,7 +116,12 @@ def _verify(model, input_ids):
             same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
             same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
-        same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores)", pattern, torch.softmax(scores.float(), -1).to(pattern.dtype), exact=False)
+        sinks = getattr(block.attn, "sinks", None)
+        if sinks is not None:  # HOOKS.md: the sink takes the rest of each row's mass
+            want = sink_softmax(scores, sinks)
+            same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores, sink logit) over the real keys", pattern, want, exact=False)
+        else:
+            same(f"{b}.attn.hook_pattern", "= softmax(hook_attn_scores)", pattern, torch.softmax(scores.float(), -1).to(pattern.dtype), exact=False)
         n_rep = _at(cfg.n_heads, i) // _at(cfg.n_key_value_heads, i)
         v = cache[f"{b}.attn.hook_v"].repeat_interleave(n_rep, dim=2)
         z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
@@ -127,6 +133,7 @@ def _verify(model, input_ids):
         with torch.no_grad():
             want = post(o_out) if post is not None else o_out
         same(f"{b}.hook_attn_out", "= hook_z @ W_O + b_O (then the post-attention norm)", cache[f"{b}.hook_attn_out"], want, exact=False)
+    _check_moe(model, cache, same, add)
     with torch.no_grad():
         final = model.ln_final(cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
         unembedded = F.linear(final, model.W_U.T, model.b_U)
@@ -161,6 +168,26 @@ def _parallel_block(cfg, cache, b, same, add):
             same(f"{b}.ln2.{name}", "equals ln1's (one shared norm)", cache[f"{b}.ln2.{name}"], cache[f"{b}.ln1.{name}"])
 
 
+def _check_moe(model, cache, same, add):
+    """Router hooks: the routing the model applied is the routing of hook_router_logits (its own function)."""
+    for name, logits in cache.items():
+        if not name.endswith("mlp.hook_router_logits"):
+            continue
+        b = name[: -len(".hook_router_logits")]
+        site = model.hook_dict[name]._sites[0]
+        moe = site.block.moe
+        if f"{b}.hook_expert_indices" not in cache:  # inline routing of no known function: not served
+            continue
+        indices = cache[f"{b}.hook_expert_indices"]
+        ok = indices.shape[-1] == moe.top_k and bool(((indices >= 0) & (indices < moe.n_experts)).all())
+        add(Finding(f"{b}.hook_expert_indices", f"holds {moe.top_k} of {moe.n_experts} experts per token", ok))
+        if moe.route is not None:
+            weights, want = moe.route(logits, moe.top_k, moe.renorm)
+            same(f"{b}.hook_expert_indices", "= the routing of hook_router_logits", indices, want)
+            got = cache[f"{b}.hook_expert_weights"]
+            same(f"{b}.hook_expert_weights", "= the routing of hook_router_logits", got, weights.to(got.dtype), exact=False)
+
+
 def _at(value, i):
     return value[i] if isinstance(value, (list, tuple)) else value
 
@@ -171,6 +198,8 @@ def _shape(cfg, name, batch, pos):
     if not name.startswith("blocks."):
         return (batch, pos, 1) if name.endswith("hook_scale") else (batch, pos, d)
     i, rest = int(name.split(".")[1]), name.split(".", 2)[2]
+    if rest.startswith("mlp.experts."):
+        return None  # one row per token routed to that expert
     h, g, e, m = _at(cfg.n_heads, i), _at(cfg.n_key_value_heads, i), cfg.d_head, _at(cfg.d_mlp, i)
     table = {
         "ln1.hook_scale": (batch, pos, 1), "ln2.hook_scale": (batch, pos, 1),
@@ -181,6 +210,9 @@ def _shape(cfg, name, batch, pos):
         "attn.hook_z": (batch, pos, h, e), "attn.hook_result": (batch, pos, h, d),
         "hook_attn_in": (batch, pos, h, d), "hook_q_input": (batch, pos, h, d),
         "hook_k_input": (batch, pos, g, d), "hook_v_input": (batch, pos, g, d),
+        "mlp.hook_router_logits": (batch, pos, getattr(cfg, "num_experts", None)),
+        "mlp.hook_expert_weights": (batch, pos, getattr(cfg, "experts_per_token", None)),
+        "mlp.hook_expert_indices": (batch, pos, getattr(cfg, "experts_per_token", None)),
         "mlp.hook_pre": (batch, pos, m), "mlp.hook_pre_linear": (batch, pos, m), "mlp.hook_post": (batch, pos, m),
     }
     return table.get(rest, (batch, pos, d))

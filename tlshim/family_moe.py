@@ -1,0 +1,386 @@
+"""Mixture-of-experts MLPs (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, ...): router and per-expert hooks.
+
+Three layouts, told apart on a probe of one MoE block (``detect``), never by version number:
+- a router module returning (logits, weights, indices) and one experts module of 3-D parameters fed
+  (hidden, indices, weights) (transformers 5.x): the router hooks fire on the router's output
+  (where its first output is not the logits, as in 5.0's probabilities, see the next layout);
+- a router returning (dense scores over all experts, indices) (gpt-oss on 4.x): the same, the
+  weights gathered out of (and an edit scattered back into) the dense scores, the logits computed
+  from the router's own weight while hooked;
+- an ``nn.Linear`` gate whose output is the logits, the routing done inline in the block and the
+  experts a ModuleList of MLPs (4.x): while hook_expert_weights / hook_expert_indices hold a hook,
+  tlshim runs the block's mixture itself in the block's own ops (bit for bit when unedited); the
+  experts have per-expert hook_pre / hook_post.
+An edited hook_router_logits is routed again by the routing function the probe matched (data below).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UnsupportedModelError
+from .sites import MlpOutSite, Site, first_input
+
+#: names of the router and experts children of an MoE block, and of its shared expert and that gate
+ROUTERS = ("gate", "router")
+EXPERTS = ("experts",)
+SHARED = (("shared_expert", "shared_expert_gate"), ("shared_experts", None))
+
+
+def softmax_topk(logits, k, renorm):
+    """Mixtral, Qwen-MoE, OLMoE: softmax over all experts, top k, renormalised where the model does."""
+    weights, indices = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), k, dim=-1)
+    if renorm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), indices
+
+
+def topk_softmax(logits, k, renorm):
+    """gpt-oss, GraniteMoE: top k of the logits, softmax over those k."""
+    values, indices = torch.topk(logits, k, dim=-1)
+    return F.softmax(values, dim=-1, dtype=values.dtype), indices
+
+
+#: routing functions a probe tries, in order
+ROUTES = (softmax_topk, topk_softmax)
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Where an MoE block keeps its parts and how it routes (``route`` None: no function matched)."""
+
+    router: str
+    experts: str
+    layout: str  # "triple", "pair" or "inline" (see the module doc)
+    route: object = None
+    renorm: bool = True
+    top_k: int = 2
+    n_experts: int = 0
+    shared: str | None = None
+    shared_gate: str | None = None
+    #: the block returns (output, router_logits) (4.x)
+    returns_logits: bool = False
+    #: the router's (first) output is its logits; else they are computed from its weight while hooked
+    logits_out: bool = True
+    #: (gate, up, down) projection names of one expert module (inline layout)
+    expert_projections: tuple = ()
+
+    def is_moe(self, mlp) -> bool:
+        return isinstance(getattr(mlp, self.router, None), nn.Module) and isinstance(getattr(mlp, self.experts, None), nn.Module)
+
+
+def _child(module, names):
+    return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
+
+
+def detect(blocks, config, projections):
+    """An MoeSpec for the MLP modules ``blocks`` (one per layer), or None where none is a mixture.
+
+    ``projections(module, where)`` gives the (gate, up, down) names of a dense MLP (an expert)."""
+    found = [b for b in blocks if _child(b, ROUTERS) and _child(b, EXPERTS)]
+    if not found:
+        return None
+    try:
+        return _spec(found[0], config, projections)
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # a router or experts of another shape: say so, do not crash the install
+        raise UnsupportedModelError(
+            f"the mixture-of-experts block {type(found[0]).__name__} fits none of tlshim's layouts ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _spec(block, config, projections):
+    router, experts = _child(block, ROUTERS), _child(block, EXPERTS)
+    shared = next(((s, g) for s, g in SHARED if _child(block, (s,))), (None, None))
+    if shared[1] is not None and not _child(block, (shared[1],)):
+        shared = (shared[0], None)
+    router_module = getattr(block, router)
+    top_k = getattr(router_module, "top_k", None) or getattr(block, "top_k", None) or config.num_experts_per_tok
+    renorm = getattr(router_module, "norm_topk_prob", getattr(block, "norm_topk_prob", True))
+    expert_modules = getattr(block, experts)
+    inline = isinstance(expert_modules, nn.ModuleList)
+    spec = MoeSpec(
+        router=router,
+        experts=experts,
+        layout="inline" if inline else "triple",
+        renorm=bool(renorm),
+        top_k=int(top_k),
+        n_experts=router_module.weight.shape[0],
+        shared=shared[0],
+        shared_gate=shared[1],
+        expert_projections=projections(expert_modules[0], f"{type(block).__name__}.{experts}.0") if inline else (),
+    )
+    return _probe(block, spec)
+
+
+def describe(moe) -> str:
+    route = moe.route.__name__ if moe.route else "no known routing function"
+    return f"a mixture of {moe.n_experts} experts, top {moe.top_k} ({moe.router} -> {moe.experts}, {moe.layout}, {route})"
+
+
+def _probe(block, spec):
+    """Run ``block`` once on a fixed random input: which layout it has and which routing it does."""
+    router = getattr(block, spec.router)
+    weight = router.weight
+    dtype = next(getattr(block, spec.experts).parameters()).dtype  # the hidden states' (a router may keep float32)
+    seen = {}
+    handle = router.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
+    x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
+    try:
+        with torch.no_grad():
+            native = block(x)
+    finally:
+        handle.remove()
+    out = seen.get("out")
+    computed = router_logits(router, x.reshape(-1, x.shape[-1]))
+    if _indices(out) is None:
+        raise UnsupportedModelError(f"the router of {type(block).__name__} returns no expert indices where tlshim looks for them")
+    if isinstance(out, tuple) and len(out) == 2:
+        spec = _replace(spec, layout="pair", logits_out=False)
+        logits, want = computed, (out[0].gather(-1, out[1]), out[1])
+    elif isinstance(out, tuple):  # (logits, weights, indices); transformers 5.0 gives probabilities first
+        spec = _replace(spec, logits_out=_same(out[0], computed))
+        logits, want = computed, (out[1], out[2])
+    elif spec.layout == "inline":
+        logits, want = out, None
+    else:
+        raise UnsupportedModelError(f"the router of {type(block).__name__} returns {type(out).__name__}, not (logits, weights, indices)")
+    spec = _replace(spec, returns_logits=isinstance(native, tuple))
+    tries = [(route, renorm) for route in ROUTES for renorm in (spec.renorm, not spec.renorm)]
+    for same in (torch.equal, torch.allclose):  # a function giving the very bits first
+        for route, renorm in tries:
+            candidate = _replace(spec, route=route, renorm=renorm)
+            with torch.no_grad():
+                weights, indices = route(logits, spec.top_k, renorm)
+                if want is None:
+                    got, want_out = _first(mixture(block, candidate, x, weights, indices)), _first(native)
+                    ok = same(got, want_out)
+                else:
+                    ok = torch.equal(indices, want[1]) and same(weights.to(want[0].dtype), want[0])
+            if ok:
+                return candidate
+    return spec
+
+
+def _indices(out):
+    """The expert indices of a router's output ((.., indices) or (logits, weights, indices)); the
+    logits themselves for a gate whose output is a tensor."""
+    if not isinstance(out, tuple):
+        return out
+    found = out[1] if len(out) == 2 else out[2] if len(out) >= 3 else None
+    return found if isinstance(found, torch.Tensor) and not found.is_floating_point() else None
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _replace(spec, **fields):
+    return MoeSpec(**{**vars(spec), **fields})
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def router_logits(router, flat):
+    """The router's logits, as its own forward computes them (``F.linear`` with its weight and bias)."""
+    return F.linear(flat, router.weight, getattr(router, "bias", None))
+
+
+def mixture(block, moe, x, weights, indices):
+    """The block's output from the given routing, in the ops of the 4.x blocks (expert by expert,
+    ``index_add_`` into zeros, then the shared expert added): bit for bit the block's own result."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.zeros_like(flat)
+    experts = getattr(block, moe.experts)
+    mask = F.one_hot(indices, num_classes=len(experts)).permute(2, 1, 0)
+    for j, expert in enumerate(experts):
+        slot, rows = torch.where(mask[j])
+        y = expert(flat[None, rows].reshape(-1, flat.shape[-1])) * weights[rows, slot, None]
+        out.index_add_(0, rows, y.to(flat.dtype))
+    if moe.shared:
+        shared = getattr(block, moe.shared)(flat)
+        if moe.shared_gate:
+            shared = torch.sigmoid(getattr(block, moe.shared_gate)(flat)) * shared
+        out = out + shared
+    return out.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------ sites
+
+#: {MoeBlockSite: (batch, pos)} of the MoE block calls in progress in this thread / task
+_LEADS: contextvars.ContextVar = contextvars.ContextVar("tlshim_moe_leads", default={})
+
+
+def _fire(point, tensor, lead):
+    """(what flows on, whether a hook edited it): ``point`` fired on a (tokens, n) tensor viewed as
+    (batch, pos, n); the fired view flows on where it carries backward hooks."""
+    if point is None or not point.active:
+        return tensor, False
+    view = tensor.reshape(*lead, tensor.shape[-1]) if lead is not None else tensor
+    out = point.fire(view)
+    if out is view and not point.bwd_hooks:
+        return tensor, False
+    return out.reshape(tensor.shape), out is not view
+
+
+class MoeBlockSite(MlpOutSite):
+    """The MoE block: hook_mlp_out on its output; keeps the (batch, pos) of the call in progress for
+    the router hooks; in the inline layout, runs the mixture itself while the routing is hooked."""
+
+    def __init__(self, module, path, layer_site, moe):
+        super().__init__(module, path, layer_site)
+        self.moe = moe
+        self.router_site = None
+
+    @property
+    def lead(self):
+        """(batch, pos) of this block's call in progress in this thread / task, else None."""
+        return _LEADS.get().get(self)
+
+    def call(self, wrapped, args, kwargs):
+        x = first_input(args, kwargs)
+        token = _LEADS.set({**_LEADS.get(), self: x.shape[:-1]})
+        try:
+            if self.moe.layout == "inline" and self.router_site.routing_hooked():
+                return self._mixture(x)
+            return wrapped(*args, **kwargs)
+        finally:
+            _LEADS.reset(token)
+
+    def _mixture(self, x):
+        moe, block = self.moe, self.module
+        logits = getattr(block, moe.router)(x.reshape(-1, x.shape[-1]))
+        weights, indices = moe.route(logits, moe.top_k, moe.renorm)
+        weights = _fire(self.router_site.weights, weights, self.lead)[0]
+        indices = _fire(self.router_site.indices, indices, self.lead)[0]
+        out = mixture(block, moe, x, weights, indices)
+        return (out, logits) if moe.returns_logits else out
+
+
+class RouterSite(Site):
+    """The router: hook_router_logits, hook_expert_weights, hook_expert_indices (b p E / b p k)."""
+
+    def __init__(self, module, path, block_site):
+        super().__init__(module, path)
+        self.block = block_site
+        self.logits = self.weights = self.indices = None
+
+    def routing_hooked(self) -> bool:
+        return any(point is not None and point.active for point in (self.weights, self.indices))
+
+    def call(self, wrapped, args, kwargs):
+        moe, lead = self.block.moe, self.block.lead
+        if not moe.logits_out and self.logits.active:  # the logits are no output: computed and routed here
+            flat = first_input(args, kwargs)
+            logits = router_logits(self.module, flat.reshape(-1, flat.shape[-1]))
+            routed = self._fired_logits(logits, lead)
+            if routed is None:
+                out = wrapped(*args, **kwargs)
+            else:
+                out = self._dense(self._route(routed)) if moe.layout == "pair" else (routed, *self._route(routed))
+        else:
+            out = wrapped(*args, **kwargs)
+        if not isinstance(out, tuple):  # inline: the gate's output is the logits
+            return _fire(self.logits, out, lead)[0]
+        if moe.layout == "pair":
+            weights, indices = out[0].gather(-1, out[1]), out[1]
+            new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
+            return out if new[0] is weights and new[1] is indices else self._dense(new)
+        logits, weights, indices = out[:3]
+        routed = self._fired_logits(logits, lead) if moe.logits_out else None
+        if routed is not None:
+            weights, indices = self._route(routed)
+            logits, weights = routed, weights.to(out[1].dtype)
+        return (logits, _fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0], *out[3:])
+
+    def _fired_logits(self, logits, lead):
+        """hook_router_logits fired on ``logits``: the logits to route by where a hook edited them (or
+        where backward hooks need the routing in the graph and the routing is known), else None."""
+        value, edited = _fire(self.logits, logits, lead)
+        return value if edited or (value is not logits and self.block.moe.route is not None) else None
+
+    def _route(self, logits):
+        moe = self.block.moe
+        if moe.route is None:
+            raise UnsupportedModelError(
+                f"{self.path}: an edit of hook_router_logits needs the model's routing, and none of tlshim's "
+                "routing functions reproduces it; edit hook_expert_weights / hook_expert_indices instead"
+            )
+        return moe.route(logits, moe.top_k, moe.renorm)
+
+    def _dense(self, routing):
+        weights, indices = routing
+        dense = torch.zeros(*indices.shape[:-1], self.block.moe.n_experts, dtype=weights.dtype, device=weights.device)
+        return dense.scatter_(-1, indices, weights), indices
+
+
+class MoeWeights:
+    """An MoE block's weights: per expert, never one matrix; the error names the per-expert form."""
+
+    def _tl_moe_error(self, name):
+        experts = getattr(self, type(self)._tlshim_spec.moe.experts)
+        form = (
+            f"blocks[i].mlp.experts[j].{name} (expert j of {len(experts)})"
+            if isinstance(experts, nn.ModuleList)
+            else "the experts' stacked parameters "
+            + ", ".join(f"blocks[i].mlp.experts.{n}" for n, _ in experts.named_parameters())
+        )
+        return UnsupportedModelError(
+            f"blocks[i].mlp.{name} does not exist on a mixture-of-experts block: each expert has its own; use {form}"
+        )
+
+    @property
+    def W_in(self):
+        raise self._tl_moe_error("W_in")
+
+    @property
+    def W_gate(self):
+        raise self._tl_moe_error("W_gate")
+
+    @property
+    def W_out(self):
+        raise self._tl_moe_error("W_out")
+
+    @property
+    def b_in(self):
+        raise self._tl_moe_error("b_in")
+
+    @property
+    def b_out(self):
+        raise self._tl_moe_error("b_out")
+
+
+def plan_block(plan, moe, base, block, mlp_path, layer_site):
+    """Plan the MoE hooks of the block at ``base``.``mlp_path`` (before its hook_mlp_out is planned)."""
+    from .layout import _plan_projections
+    from .weights import MlpWeights
+
+    path = f"{base}.{mlp_path}"
+    site = plan.site(path, MoeBlockSite, layer_site, moe)
+    mlp = site.module
+    router = plan.site(f"{path}.{moe.router}", RouterSite, site)
+    site.router_site = router
+    # inline routing that no known function reproduces: the weights and indices are nowhere to be seen
+    served = ("router_logits",) if moe.layout == "inline" and moe.route is None else ("router_logits", "expert_weights", "expert_indices")
+    for attr in served:
+        point = plan.point(f"{block}.mlp.hook_{attr}", mlp, f"hook_{attr}", router, site)
+        setattr(router, attr.split("_")[-1], point)
+    plan.swap(mlp, MoeWeights, f"{block}.mlp")
+    if moe.layout != "inline":
+        return
+    gate, up, down = moe.expert_projections
+    for j, expert in enumerate(getattr(mlp, moe.experts)):
+        rel = f"{mlp_path}.{moe.experts}.{j}"
+        names = (("hook_pre", gate), ("hook_pre_linear", up)) if gate else (("hook_pre", up),)
+        _plan_projections(plan, [(attr, f"{rel}.{name}", None) for attr, name in names], base, block, expert, f"mlp.experts.{j}")
+        down_site = plan.site(f"{base}.{rel}.{down}")
+        down_site.in_points.append((plan.point(f"{block}.mlp.experts.{j}.hook_post", expert, "hook_post", down_site), None))
+        plan.swap(expert, MlpWeights, f"{block}.mlp.experts.{j}")
