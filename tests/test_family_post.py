@@ -142,8 +142,6 @@ def test_a_weight_free_rms_norm_fires_its_output_as_hook_normalized_and_an_edite
     [
         ("bitnet", "a norm between the attention kernel and o_proj"),
         ("diffllama", "differential attention"),
-        ("flint", "attention sinks"),
-        ("granite_swa", "attention sinks"),
         ("hrm_text", "more than one stack"),
     ],
 )

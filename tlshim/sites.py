@@ -142,8 +142,11 @@ class Site:
     def wrapped(self) -> bool:
         return self._users > 0
 
+    #: fired after in_points on a copy of the input (hook_mlp_in): an edit reaches the module, not the residual
+    copy_points = ()
+
     def __call__(self, wrapped, instance, args, kwargs):
-        if self.in_points:
+        if self.in_points or self.copy_points:
             x = first_input(args, kwargs)
             x = self.on_input(x)
             args, kwargs = with_first_input(args, kwargs, x)
@@ -280,9 +283,6 @@ class NormSite(Site):
         self.norm = norm
         self.scale_point = scale_point
         self.layer_site = layer_site
-
-    #: fired after in_points on a copy of the input (hook_mlp_in): an edit reaches the norm, not the residual
-    copy_points = ()
 
     def on_input(self, x):
         return fire_points(self.copy_points, fire_mid(self.in_points, self.layer_site, x))

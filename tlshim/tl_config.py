@@ -51,9 +51,6 @@ class TLConfig(TLConfigFields):
     attn_only: bool = False
     parallel_attn_mlp: bool = False
     use_attn_scale: bool = True
-    #: mixture of experts: experts per MoE block, and how many each token is routed to
-    num_experts: int | None = None
-    experts_per_token: int | None = None
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
