@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tlshim
+from tlshim.tl_switches import switched_off
 
 from dropin import fixture, tokenizer
 from models import ALL_ARCHS, build, require, tokens
@@ -235,7 +236,8 @@ def test_head_labels_and_hook_utilities():
     model.cache_all(everything)
     with torch.no_grad():
         model(ids)
-    assert set(everything) == set(model.hook_dict)  # hook_result too: computed because it is hooked
+    # hook_result too (computed because it is hooked); the switch hooks are off, as in TransformerLens
+    assert set(everything) == {name for name in model.hook_dict if not name.endswith(switched_off(model.cfg))}
     assert torch.equal(everything["blocks.1.attn.hook_pattern"], want["pattern", 1])
     model.remove_all_hook_fns()
     everything.clear()
