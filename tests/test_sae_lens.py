@@ -26,9 +26,6 @@ from dropin import fixture, tokenizer  # noqa: E402
 NAME = "blocks.1.hook_resid_post"
 KINDS = {"standard": (StandardSAE, StandardSAEConfig, {}), "topk": (TopKSAE, TopKSAEConfig, {"k": 8}),
          "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {})}
-NEEDS_CALL = "model(tokens, return_type=...) and to_tokens(truncate=...) come with the TL calling-conventions work (issue 12, wt-call)"
-
-
 def make_sae(kind, d_in, hook_name=NAME, seed=0):
     cls, config, extra = KINDS[kind]
     if hook_name.endswith("hook_z"):  # an attention SAE reads the heads flattened, as SAELens's hook_z SAEs do
@@ -131,7 +128,6 @@ def test_activations_store_on_a_pretokenized_dataset(models):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=NEEDS_CALL)
 def test_activations_store_on_a_text_dataset(models):
     model, _ = models
     sae = make_sae("standard", model.cfg.d_model)
@@ -159,7 +155,6 @@ def test_sparsity_and_variance_evals(models):
     assert metrics["mse"] == pytest.approx((out - x).pow(2).sum(-1).mean().item(), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CALL)
 def test_kl_and_cross_entropy_evals(models):
     model, plain = models
     sae = make_sae("standard", model.cfg.d_model)
