@@ -1,12 +1,15 @@
 """Post-norm-only blocks (OLMo2, OLMo3, EXAONE 4) and weight-free RMSNorms on the structural path:
 what each name holds (HOOKS.md "Families"), and edits equal to the same edits made by hand."""
 
+import importlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import CONFIG_MAPPING
 
 import tlshim
-from tlshim.structure import derive_spec
+from tlshim.structure import _norm_kind, derive_spec
 
 from tiny import build, tokens
 
@@ -134,6 +137,25 @@ def test_a_weight_free_rms_norm_fires_its_output_as_hook_normalized_and_an_edite
     torch.testing.assert_close(cache["blocks.1.ln1.hook_scale"], scale)
     doubled = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.1.ln1.hook_scale", lambda x, hook: 2 * x)], use_cache=False)
     by_hand = run_by_hand(twin, twin.model.layers[1].input_layernorm, lambda m, args, out: out / 2)
+    torch.testing.assert_close(doubled, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_nemotrons_one_plus_w_layer_norm_is_found_and_an_edited_scale_flows_through_it():
+    present("nemotron")
+    model, twin = build("nemotron"), build("nemotron")
+    norm, x = model.model.layers[0].input_layernorm, torch.randn(2, 5, model.config.hidden_size)
+    flow = SimpleNamespace(inputs={"norm": x}, outputs={"norm": norm(x)})
+    assert _norm_kind(norm, flow, "norm") is tlshim.norms.OFFSET_LAYER
+    if not hasattr(importlib.import_module(type(model).__module__), "eager_attention_forward"):
+        with pytest.raises(tlshim.UnsupportedModelError, match="attention registry"):  # 4.x: its own attention code
+            tlshim.install(model)
+        return
+    tlshim.install(model)
+    assert model._tlshim.spec.norm is tlshim.norms.OFFSET_LAYER
+    assert tlshim.verify(model, tokens()).ok
+    doubled = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.1.ln1.hook_scale", lambda x, hook: 2 * x)], use_cache=False)
+    norm = twin.model.layers[1].input_layernorm
+    by_hand = run_by_hand(twin, norm, lambda m, args, out: (out - m.bias) / 2 + m.bias)
     torch.testing.assert_close(doubled, by_hand, rtol=1e-5, atol=1e-5)
 
 

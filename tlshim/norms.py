@@ -89,5 +89,12 @@ RMS = Norm("RMS", False, _rms_weigh, _weight)
 OFFSET_RMS = Norm("RMS", False, _offset_rms_weigh, _offset_weight)
 #: A LayerNorm without parameters (OLMo v1), or with them.
 LAYER = Norm("LN", True, _layer_weigh, _no_weight)
+def _offset_layer_weigh(normalized, weight, bias, dtype):
+    """Nemotron's LayerNorm1P: a LayerNorm times (1 + w)."""
+    return _layer_weigh(normalized, 1.0 + weight.float(), bias, dtype)
+
+
+#: Nemotron's LayerNorm times (1 + w); its alias exposes that effective weight.
+OFFSET_LAYER = Norm("LN", True, _offset_layer_weigh, _offset_weight)
 #: An RMSNorm without a weight (NanoChat, HRM-Text): its output is hook_normalized.
 BARE_RMS = Norm("RMS", False, _layer_weigh, _no_weight)

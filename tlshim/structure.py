@@ -60,7 +60,7 @@ UNSERVED_ATTENTION = {
 }
 UNSERVED_MLP = {"ffn_sub_norm": "a norm between the MLP activation and down_proj (BitNet), so hook_post is not what down_proj reads"}
 #: the norm kinds a probed norm is matched against, in order
-NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER, norms.BARE_RMS)
+NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER, norms.BARE_RMS, norms.OFFSET_LAYER)
 
 
 class _ProbeDone(Exception):
@@ -212,7 +212,9 @@ def _decoder_layers(model):
                 best = (name, module)
     if best is None:
         raise UnsupportedModelError(f"no list of decoder layers (an nn.ModuleList of blocks) found in {type(model).__name__}")
-    stacks = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) and type(module[0]) is type(best[1][0])]
+    lists = {name: module for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)}
+    top = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]  # not a block's experts
+    stacks = [name for name in top if type(lists[name][0]) is type(best[1][0]) and best[1][0]._modules]  # of blocks, not Linears
     if len(stacks) > 1:
         raise UnsupportedModelError(
             f"{type(model).__name__} has its blocks in more than one stack ({', '.join(stacks)}): a hierarchical or "
