@@ -8,10 +8,11 @@ from __future__ import annotations
 import functools
 
 from .errors import UnsupportedModelError
+from .family_abs import BatchSite, PosEmbedSite
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
 from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, RotarySite, Site, SplitSite
-from .spec import get_path
+from .spec import get_path, out_width
 from .weights import AttnWeights, EmbedWeights, MlpWeights, NormWeights, TiedEmbedWeights, UnembedWeights
 
 
@@ -84,9 +85,13 @@ def plan_install(model, spec) -> Plan:
     layers = plan.module(spec.layers)
     first_layer = f"{spec.layers}.0"
 
-    embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed)
+    embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed_out or spec.embed)
     embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
     (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
+    if spec.pos_embed:
+        pos_site = plan.site(spec.pos_embed, PosEmbedSite)
+        batch_site = plan.site(spec.layers.rpartition(".")[0], BatchSite)
+        pos_site.out_points.append((plan.point("hook_pos_embed", model, "hook_pos_embed", pos_site, batch_site), None))
 
     for i in range(len(layers)):
         _plan_layer(plan, i)
@@ -112,7 +117,7 @@ def _plan_layer(plan: Plan, i: int):
     spec = plan.spec
     base = f"{spec.layers}.{i}"
     block = f"blocks.{i}"
-    rel = lambda path: f"{base}.{path}"  # noqa: E731
+    rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
     layer_site = plan.site(base, LayerSite)
     layer = layer_site.module
     attn = plan.module(rel(spec.attn))
@@ -136,7 +141,7 @@ def _plan_layer(plan: Plan, i: int):
 
     attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
-    for name in ("rot_q", "rot_k"):
+    for name in ("rot_q", "rot_k") if spec.rotary_hooks else ():
         setattr(rot_site, name, plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", rot_site))
     attn_site.scores = plan.point(f"{block}.attn.hook_attn_scores", attn, "hook_attn_scores", attn_site)
     attn_site.pattern = plan.point(f"{block}.attn.hook_pattern", attn, "hook_pattern", attn_site)
@@ -157,9 +162,9 @@ def _plan_layer(plan: Plan, i: int):
     ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
 
     mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
-    mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
+    mlp_points = [(attr, _join(spec.mlp, getattr(spec, role + "_proj")), None) for role, attr in mlp_names]
     _plan_projections(plan, mlp_points, base, block, mlp, "mlp")
-    down = plan.site(rel(f"{spec.mlp}.{spec.down_proj}"))
+    down = plan.site(rel(_join(spec.mlp, spec.down_proj)))
     down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
@@ -190,11 +195,16 @@ def _plan_projections(plan, points, base, block, owner, prefix):
             site = plan.site(path, spec.qkv_site, plan.model.config) if own_site else plan.site(path)
             site.out_points.append((plan.point(f"{block}.{prefix}.{attr}", owner, attr, site), n_heads))
             continue
-        site = plan.site(path, SplitSite)
-        width, units = plan.module(path).out_features, sum(n or 1 for _, n in entries)
+        site = plan.site(path, (prefix == "attn" and plan.spec.fused_qkv_site) or SplitSite)
+        width, units = out_width(plan.module(path)), sum(n or 1 for _, n in entries)
         for attr, n_heads in entries:
             point = plan.point(f"{block}.{prefix}.{attr}", owner, attr, site)
             site.add(point, n_heads, width * (n_heads or 1) // units)
+
+
+def _join(*parts):
+    """A dotted path of the non-empty parts (an MLP that is the decoder layer itself: OPT)."""
+    return ".".join(part for part in parts if part)
 
 
 class _OutWeights:

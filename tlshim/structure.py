@@ -19,22 +19,28 @@ import inspect
 import torch
 from torch import nn
 
-from . import norms
+from . import family_abs, norms
+from .attention import AttnSite
 from .errors import UnsupportedModelError
-from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
+from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, is_conv1d, linear_params, mlp_linear_params, out_width
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 MLP = ("mlp", "feed_forward", "ffn")
 #: (q, k, v, o) projection names inside the attention module
-PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"))
+PROJECTIONS = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("wq", "wk", "wv", "wo"),
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj"),  # GPT-Neo's wrapper
+)
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
-FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"))
+FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("c_attn", "c_proj"), ("query_key_value", "dense"))
 #: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
 FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"))
+PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -51,16 +57,19 @@ def derive_spec(model) -> ArchSpec:
     layers_path, layers = _decoder_layers(model)
     layer = layers[0]
     attn_name = _child(layer, ATTENTION, "attention module", layers_path)
-    mlp_name = _child(layer, MLP, "MLP module", layers_path)
-    attn, mlp = getattr(layer, attn_name), getattr(layer, mlp_name)
+    # an MLP whose projections are the layer's own children (OPT, XGLM, BioGPT) is the layer itself
+    mlp_name = "" if _names(layer, PLAIN, None, None) else _child(layer, MLP, "MLP module", layers_path)
+    attn, mlp = get_path(layer, attn_name), get_path(layer, mlp_name)
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
     gate, up, down = _mlp_projections(mlp, f"{layers_path}.0.{mlp_name}")
     qk_norm = _names(attn, QK_NORMS, None, None) or (None, None)
-    _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}")
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down))
-    flow = _probe(model, layer)
-    roles = _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
+    owner_path = layers_path.rpartition(".")[0]
+    flow = _probe(model, layer, get_path(model, owner_path))
+    entry = family_abs.embedding_entry(model, owner_path, flow) or {}
+    registry = _uses_attention_registry(attn, f"{layers_path}.0.{attn_name}", entry.get("pos_embed") or family_abs.uses_alibi(attn))
+    roles = _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
     norm_kind = _norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
     for role in ("ln2", "ln1_post", "ln2_post"):
         if roles.get(role) and _norm_kind(getattr(layer, roles[role]), flow, roles[role]) is not norm_kind:
@@ -69,15 +78,21 @@ def derive_spec(model) -> ArchSpec:
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
-    final_path = _final_norm(model, layers_path, norm_kind)
-    d_mlp = getattr(mlp, up).out_features // (2 if gate == up else 1)
+    final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"))
+    d_mlp = out_width(getattr(mlp, up)) // (2 if gate == up else 1)
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, roles["ln1"]), norm_kind)
     sizes["gated_mlp"] = gate is not None
-    return ArchSpec(
+    interleaved = q == k and type(attn).__name__ in family_abs.INTERLEAVED_QKV
+    spec = ArchSpec(
         versions="",
         layers=layers_path,
         embed=embed_path,
-        embed_hook_on_first_layer=_embedding_scaled(flow),
+        embed_hook_on_first_layer=not entry and _embedding_scaled(flow),
+        embed_out=entry.get("embed_out"),
+        pos_embed=entry.get("pos_embed"),
+        rotary_hooks=registry and not entry.get("pos_embed"),
+        attn_site=AttnSite if registry else family_abs.SoftmaxAttnSite,
+        fused_qkv_site=family_abs.InterleavedQkvSite if interleaved else None,
         final_norm=final_path,
         unembed=_path_of(model, unembed, "output embedding"),
         attn=attn_name,
@@ -86,8 +101,8 @@ def derive_spec(model) -> ArchSpec:
         ln2=roles["ln2"],
         ln1_post=roles.get("ln1_post"),
         ln2_post=roles.get("ln2_post"),
-        attn_out=roles.get("ln1_post") or attn_name,
-        mlp_out=roles.get("ln2_post") or mlp_name,
+        attn_out=roles.get("ln1_post") or roles.get("attn_out") or attn_name,
+        mlp_out=roles.get("ln2_post") or roles.get("mlp_out") or mlp_name,
         q_proj=q,
         k_proj=k,
         v_proj=v,
@@ -99,11 +114,13 @@ def derive_spec(model) -> ArchSpec:
         down_proj=down,
         norm=norm_kind,
         head_counts=structural_head_counts,
-        linear_params=fused_qkv_params if q == k else linear_params,
+        linear_params=family_abs.interleaved_qkv_params if interleaved else fused_qkv_params if q == k else linear_params,
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
     )
+    sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
+    return spec
 
 
 def describe(spec) -> str:
@@ -121,14 +138,15 @@ def structural_head_counts(attn, config):
     d_head = _head_dim(attn, config)
     separate = _names(attn, PROJECTIONS, None, None)
     if separate:
-        return getattr(attn, separate[0]).out_features // d_head, getattr(attn, separate[1]).out_features // d_head, d_head
-    fused = getattr(attn, _names(attn, FUSED_QKV, None, None)[0]).out_features // d_head
-    n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads")
+        return out_width(get_path(attn, separate[0])) // d_head, out_width(get_path(attn, separate[1])) // d_head, d_head
+    fused = out_width(getattr(attn, _names(attn, FUSED_QKV, None, None)[0])) // d_head
+    n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads", None) or attn.n_heads
     return n_heads, (fused - n_heads) // 2, d_head
 
 
 def _head_dim(attn, config):
-    value = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None)
+    inner = getattr(attn, "attention", None)  # GPT-Neo's wrapper holds the attention module
+    value = getattr(attn, "head_dim", None) or getattr(inner, "head_dim", None) or getattr(config, "head_dim", None)
     if value:
         return int(value)
     return config.hidden_size // config.num_attention_heads
@@ -142,7 +160,7 @@ def _structural_cfg(found, model):
         found,
         n_ctx=getattr(config, "max_position_embeddings", None) or -1,
         act_fn=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None),
-        positional_embedding_type="rotary",
+        positional_embedding_type=found.get("positional_embedding_type", "rotary"),
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
@@ -176,9 +194,20 @@ def _child(layer, candidates, what, layers_path):
     )
 
 
+def _is_projection(module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _get(module, path):
+    try:
+        return get_path(module, path)
+    except AttributeError:
+        return None
+
+
 def _names(module, options, where, what):
     for names in options:
-        if all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+        if all(_is_projection(_get(module, n)) for n in names):
             return names
     if where is None:
         return None
@@ -195,7 +224,7 @@ def _attention_projections(attn, config, where):
     fused = _names(attn, FUSED_QKV, None, None)
     if fused:
         n_heads, n_kv, d_head = structural_head_counts(attn, config)
-        if (n_heads + 2 * n_kv) * d_head != getattr(attn, fused[0]).out_features or n_kv <= 0:
+        if (n_heads + 2 * n_kv) * d_head != out_width(getattr(attn, fused[0])) or n_kv <= 0:
             raise UnsupportedModelError(f"the fused projection {fused[0]} at {where} does not split into q, k, v heads")
         return fused[0], fused[0], fused[0], fused[1]
     raise UnsupportedModelError(
@@ -225,8 +254,8 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
     """The first block's layout is every block's (not so where some blocks hold a mixture of experts)."""
     for i, layer in enumerate(layers):
         for owner, *children in (attn_paths, mlp_paths):
-            module = getattr(layer, owner, None)
-            missing = [c for c in children if c and not isinstance(getattr(module, c, None), nn.Linear)]
+            module = get_path(layer, owner) if owner else layer
+            missing = [c for c in children if c and not _is_projection(_get(module, c))]
             if module is None or missing:
                 raise UnsupportedModelError(
                     f"block {i} at {layers_path}.{i} is not laid out as block 0 ({owner} lacks {missing or 'itself'}): "
@@ -234,13 +263,18 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
                 )
 
 
-def _uses_attention_registry(attn, where):
+def _uses_attention_registry(attn, where, own_scores_allowed=False) -> bool:
+    """Whether ``attn`` goes through the registry; False for one that computes its own scores and
+    softmax where that is allowed (absolute positions, ALiBi: ``family_abs.SoftmaxAttnSite``)."""
     source_module = importlib.import_module(type(attn).__module__)
-    if not hasattr(source_module, "eager_attention_forward") or not hasattr(attn, "config"):
-        raise UnsupportedModelError(
-            f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
-            "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
-        )
+    if hasattr(source_module, "eager_attention_forward") and hasattr(attn, "config"):
+        return True
+    if own_scores_allowed and "softmax" in inspect.getsource(source_module):
+        return False
+    raise UnsupportedModelError(
+        f"{type(attn).__name__} at {where} does not go through transformers' attention registry "
+        "(no module-level eager_attention_forward), so hook_rot_q / hook_attn_scores cannot be served"
+    )
 
 
 def _parameters(function) -> tuple:
@@ -275,11 +309,13 @@ def _path_of(model, module, what):
     raise UnsupportedModelError(f"the {what} of {type(model).__name__} is not one of its modules")
 
 
-def _final_norm(model, layers_path, norm_kind):
-    """The norm module right after the blocks: a child of the module that holds the block list."""
+def _final_norm(model, layers_path, norm_kind, embed_out=None):
+    """The norm module right after the blocks: a child of the module that holds the block list (not
+    one after the embedding, BLOOM's)."""
     owner_path = layers_path.rpartition(".")[0]
     owner = get_path(model, owner_path)
-    found = [name for name, child in owner.named_children() if _looks_like_norm(child)]
+    prefix = f"{owner_path}." if owner_path else ""
+    found = [name for name, child in owner.named_children() if _looks_like_norm(child) and prefix + name != embed_out]
     if len(found) != 1:
         raise UnsupportedModelError(
             f"no single final norm found next to the blocks in {type(owner).__name__} (norm-like children: {found or 'none'})"
@@ -300,19 +336,21 @@ class _Flow:
 
     def __init__(self):
         self.inputs, self.outputs = {}, {}
+        #: the same of the children of the module that holds the blocks (embeddings, their norm)
+        self.top_inputs, self.top_outputs = {}, {}
         self.embedding = None
 
 
-def _probe(model, layer) -> _Flow:
+def _probe(model, layer, owner) -> _Flow:
     flow = _Flow()
     handles = []
 
-    def record(name):
+    def record(name, inputs, outputs):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("hidden_states")
-            flow.inputs.setdefault(name, x)
-            flow.outputs.setdefault(name, output[0] if isinstance(output, tuple) else output)
-            if name == "":
+            inputs.setdefault(name, x)
+            outputs.setdefault(name, output[0] if isinstance(output, tuple) else output)
+            if name == "" and inputs is flow.inputs:
                 raise _ProbeDone
 
         return hook
@@ -320,8 +358,10 @@ def _probe(model, layer) -> _Flow:
     def embedding_hook(module, args, output):
         flow.embedding = output
 
-    for name, child in [("", layer), *layer.named_children()]:
-        handles.append(child.register_forward_hook(record(name), with_kwargs=True))
+    for name, child in layer.named_modules():
+        handles.append(child.register_forward_hook(record(name, flow.inputs, flow.outputs), with_kwargs=True))
+    for name, child in owner.named_children():
+        handles.append(child.register_forward_hook(record(name, flow.top_inputs, flow.top_outputs), with_kwargs=True))
     handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
     vocab = model.get_input_embeddings().num_embeddings
     device = model.get_input_embeddings().weight.device
@@ -345,7 +385,11 @@ def _same(a, b) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
-def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
+def _adds_up(total, a, b) -> bool:
+    return isinstance(b, torch.Tensor) and _same(total, a + b)
+
+
+def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
     norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
     x = flow.inputs[""]
     where = f"{type(layer).__name__} at {layers_path}.0"
@@ -356,18 +400,27 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
     def norm_feeding(tensor):
         return next((n for n in norms_seen if _same(flow.outputs[n], tensor)), None)
 
-    roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_name])}
+    o, up, down = projections
+    # an MLP that is the layer itself reads its input projection and gives its output projection's
+    mlp_in, mlp_name = (mlp_name, mlp_name) if mlp_name else (up, down)
+    roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_in])}
     if roles["ln1"] is None or not _same(flow.inputs[roles["ln1"]], x):
         raise UnsupportedModelError(f"{where}: the attention's input is not a norm of the block input (no pre-norm block)")
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"]:
         raise UnsupportedModelError(f"{where}: the MLP does not read its own norm (a parallel block, or no pre-norm)")
+    mid = flow.inputs[roles["ln2"]]
+    # a sub-layer that adds the residual itself (BLOOM, MPT's MLP): its output projection's is what it adds
+    if _same(flow.outputs[attn_name], mid) and _adds_up(mid, x, flow.outputs.get(f"{attn_name}.{o}")):
+        attn_name = f"{attn_name}.{o}"
+    if _same(flow.outputs[mlp_name], flow.outputs[""]) and _adds_up(flow.outputs[""], mid, flow.outputs.get(f"{mlp_in}.{down}")):
+        mlp_name = f"{mlp_in}.{down}"
+    roles["attn_out"], roles["mlp_out"] = attn_name, mlp_name
     roles["ln1_post"] = norm_reading(flow.outputs[attn_name])
     roles["ln2_post"] = norm_reading(flow.outputs[mlp_name])
     if bool(roles["ln1_post"]) != bool(roles["ln2_post"]):
         raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
     mlp_out = flow.outputs[roles["ln2_post"] or mlp_name]
-    mid = flow.inputs[roles["ln2"]]
     if not _same(mid, x + attn_out) or not _same(flow.outputs[""], mid + mlp_out):
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + attention output + MLP output "
