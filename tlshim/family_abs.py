@@ -16,7 +16,8 @@ import inspect
 import torch
 
 from .attention import AttnSite
-from .sites import Site, fire_points
+from .hook_points import ROWS
+from .sites import LayerSite, Site, first_input, first_output, fire_points, with_first_output
 from .spec import get_path, linear_params
 
 #: attention classes whose fused query_key_value holds q, k, v per head (b p h 3 e)
@@ -50,6 +51,25 @@ class PosEmbedSite(Site):
         if batch is not None and y.dim() == 3 and y.shape[0] == 1 != batch:
             y = y.expand(batch, *y.shape[1:]).clone()
         return fire_points(self.out_points, y)
+
+
+#: the points of a block that fire inside an MLP working on (batch * pos, d) rows (OPT)
+ROWS_POINTS = ("hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")
+
+
+class RowsLayerSite(LayerSite):
+    """A decoder layer that runs its MLP on (batch * pos, d) rows (OPT): the points there fire as
+    (batch, pos, ...) (``hook_points.ROWS``), and an output rebuilt from rows (an edit of
+    hook_resid_mid) gets the layer's shape back."""
+
+    def call(self, wrapped, args, kwargs):
+        shape = first_input(args, kwargs).shape
+        token = ROWS.set(tuple(shape[:2]))
+        try:
+            out = super().call(wrapped, args, kwargs)
+        finally:
+            ROWS.reset(token)
+        return with_first_output(out, first_output(out).view(shape))
 
 
 class SoftmaxAttnSite(AttnSite):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 from .errors import UnsupportedModelError
-from .family_abs import BatchSite, PosEmbedSite
+from .family_abs import ROWS_POINTS, BatchSite, PosEmbedSite, RowsLayerSite
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
 from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, RotarySite, Site, SplitSite
@@ -118,7 +118,7 @@ def _plan_layer(plan: Plan, i: int):
     base = f"{spec.layers}.{i}"
     block = f"blocks.{i}"
     rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
-    layer_site = plan.site(base, LayerSite)
+    layer_site = plan.site(base, RowsLayerSite if spec.mlp_rows else LayerSite)
     layer = layer_site.module
     attn = plan.module(rel(spec.attn))
     mlp = plan.module(rel(spec.mlp))
@@ -170,6 +170,8 @@ def _plan_layer(plan: Plan, i: int):
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
     layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
+    for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input
+        plan.hook_dict[f"{block}.{name}"]._sites += (layer_site,)
     aliases = {"attn": attn, "mlp": mlp, "ln1": ln1.module, "ln2": ln2.module}
     for name in ("ln1_post", "ln2_post"):
         if getattr(spec, name):

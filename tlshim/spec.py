@@ -112,6 +112,8 @@ class ArchSpec:
     pos_embed: str | None = None
     #: whether attention applies rotary (hook_rot_q / hook_rot_k exist)
     rotary_hooks: bool = True
+    #: whether the layer runs its MLP on (batch * pos, d) rows (OPT)
+    mlp_rows: bool = False
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
     attn: str = "self_attn"

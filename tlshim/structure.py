@@ -93,6 +93,7 @@ def derive_spec(model) -> ArchSpec:
         rotary_hooks=registry and not entry.get("pos_embed"),
         attn_site=AttnSite if registry else family_abs.SoftmaxAttnSite,
         fused_qkv_site=family_abs.InterleavedQkvSite if interleaved else None,
+        mlp_rows=roles["mlp_rows"],
         final_norm=final_path,
         unembed=_path_of(model, unembed, "output embedding"),
         attn=attn_name,
@@ -409,6 +410,9 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"]:
         raise UnsupportedModelError(f"{where}: the MLP does not read its own norm (a parallel block, or no pre-norm)")
     mid = flow.inputs[roles["ln2"]]
+    roles["mlp_rows"] = mid.dim() == 2 and x.dim() == 3  # the MLP works on (batch * pos, d) rows (OPT)
+    rows = (lambda t: t.view(x.shape)) if roles["mlp_rows"] else (lambda t: t)  # noqa: E731
+    mid = rows(mid)
     # a sub-layer that adds the residual itself (BLOOM, MPT's MLP): its output projection's is what it adds
     if _same(flow.outputs[attn_name], mid) and _adds_up(mid, x, flow.outputs.get(f"{attn_name}.{o}")):
         attn_name = f"{attn_name}.{o}"
@@ -420,7 +424,7 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
     if bool(roles["ln1_post"]) != bool(roles["ln2_post"]):
         raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
-    mlp_out = flow.outputs[roles["ln2_post"] or mlp_name]
+    mlp_out = rows(flow.outputs[roles["ln2_post"] or mlp_name])
     if not _same(mid, x + attn_out) or not _same(flow.outputs[""], mid + mlp_out):
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + attention output + MLP output "
