@@ -13,7 +13,7 @@ from tiny import build, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:tlshim has no spec")
 
-FAMILY = ("gpt2", "gpt_neo", "opt", "bloom", "biogpt", "xglm", "mpt")
+FAMILY = ("gpt2", "gpt_neo", "opt", "bloom", "biogpt", "xglm", "mpt", "gpt_bigcode")
 
 
 @pytest.mark.parametrize("model_type", FAMILY)
@@ -142,6 +142,7 @@ def test_an_edit_of_hook_pattern_reaches_the_output_as_it_would_in_the_kernel():
 
 def test_gpt_neo_scores_are_unscaled_and_local_layers_mask_outside_the_window():
     model, _ = installed("gpt_neo", window_size=4, attention_types=[[["global", "local"], 1]])
+    assert not model.cfg.use_attn_scale and model.cfg.act_fn == "gelu_new"
     ids, n = tokens(), tokens().shape[1]
     _, cache = model.run_with_cache(ids, names_filter=lambda name: ".attn." in name)
     for layer, window in ((0, n), (1, 4)):

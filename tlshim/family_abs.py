@@ -22,6 +22,8 @@ from .spec import get_path, linear_params
 
 #: attention classes whose fused query_key_value holds q, k, v per head (b p h 3 e)
 INTERLEAVED_QKV = ("BloomAttention",)
+#: attention classes that do not divide q.k by sqrt(d_head)
+UNSCALED_ATTENTION = ("GPTNeoSelfAttention",)
 #: attention forward arguments that carry an ALiBi bias
 ALIBI_ARGS = ("alibi", "position_bias")
 #: the batch size of the running forward of the module that holds the blocks (while hook_pos_embed is hooked)
@@ -96,7 +98,10 @@ class SoftmaxAttnSite(AttnSite):
 
 
 def _heads_view(module, scores):
-    """fire(point, tensor) firing (batch * heads, q, k) scores (XGLM) as (batch, heads, q, k)."""
+    """fire(point, tensor) firing (batch * heads, q, k) scores (XGLM) or (batch, q, heads, k) ones
+    (GPT-BigCode's multi-query before 5.0) as (batch, heads, q, k)."""
+    if scores.dim() == 4 and getattr(module, "multi_query", False):
+        return lambda point, x: point.fire(x.transpose(1, 2)).transpose(1, 2)
     if scores.dim() == 4:
         return lambda point, x: point.fire(x)
     n_heads = getattr(module, "num_heads", None) or module.n_heads
@@ -144,6 +149,12 @@ def interleaved_qkv_params(spec, attn, role):
     index = "qkv".index(role)
     weight = weight.view(n_heads, 3, -1, weight.shape[-1])[:, index].flatten(0, 1)
     return weight, None if bias is None else bias.view(n_heads, 3, -1)[:, index].flatten()
+
+
+def scales_scores(attn) -> bool:
+    """TransformerLens's use_attn_scale: False for the attention classes that do not scale q.k (GPT-Neo)."""
+    inner = getattr(attn, "attention", attn)
+    return type(inner).__name__ not in UNSCALED_ATTENTION
 
 
 def uses_alibi(attn) -> bool:

@@ -121,6 +121,7 @@ def derive_spec(model) -> ArchSpec:
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
     )
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
+    sizes["use_attn_scale"] = family_abs.scales_scores(attn)
     return spec
 
 
@@ -160,7 +161,7 @@ def _structural_cfg(found, model):
     return dict(
         found,
         n_ctx=getattr(config, "max_position_embeddings", None) or -1,
-        act_fn=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None),
+        act_fn=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or getattr(config, "activation_function", None),
         positional_embedding_type=found.get("positional_embedding_type", "rotary"),
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
