@@ -15,7 +15,7 @@ import inspect
 
 import torch
 
-from .attention import AttnSite
+from .attention import SdpaCallSite
 from .hook_points import ROWS
 from .sites import LayerSite, Site, first_input, first_output, fire_points, with_first_output
 from .spec import get_path, linear_params
@@ -74,29 +74,6 @@ class RowsLayerSite(LayerSite):
         return with_first_output(out, first_output(out).view(shape))
 
 
-class SoftmaxAttnSite(AttnSite):
-    """An attention module computing its own scores (ALiBi, GPT-Neo's unscaled ones): while
-    hook_attn_scores or hook_pattern is hooked, its one softmax call fires scores on its input and
-    pattern on its output, for that module's forward only."""
-
-    routes_config = False
-
-    def kernel_needed(self) -> bool:
-        return self.scores.active or self.pattern.active
-
-    def call(self, wrapped, args, kwargs):
-        if not self.kernel_needed():
-            return wrapped(*args, **kwargs)
-        with _SoftmaxCall(self):
-            return wrapped(*args, **kwargs)
-
-    def fire_scores_and_pattern(self, softmax, args, kwargs):
-        scores = args[0] if args else kwargs.pop("input")
-        heads = _heads_view(self.module, scores)
-        scores = heads(self.scores, scores)
-        return heads(self.pattern, softmax(scores, *args[1:], **kwargs))
-
-
 def _heads_view(module, scores):
     """fire(point, tensor) firing (batch * heads, q, k) scores (XGLM) or (batch, q, heads, k) ones
     (GPT-BigCode's multi-query before 5.0) as (batch, heads, q, k)."""
@@ -122,6 +99,20 @@ class _SoftmaxCall(torch.overrides.TorchFunctionMode):
             self.done = True
             return self.site.fire_scores_and_pattern(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+class SoftmaxAttnSite(SdpaCallSite):
+    """An attention module computing its own scores (ALiBi, GPT-Neo's unscaled ones): while
+    hook_attn_scores or hook_pattern is hooked, its one softmax call fires scores on its input and
+    pattern on its output, for that module's forward only."""
+
+    mode = _SoftmaxCall
+
+    def fire_scores_and_pattern(self, softmax, args, kwargs):
+        scores = args[0] if args else kwargs.pop("input")
+        heads = _heads_view(self.module, scores)
+        scores = heads(self.scores, scores)
+        return heads(self.pattern, softmax(scores, *args[1:], **kwargs))
 
 
 class InterleavedQkvSite(Site):
