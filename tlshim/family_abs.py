@@ -21,7 +21,7 @@ from .sites import LayerSite, Site, first_input, first_output, fire_points, with
 from .spec import get_path, linear_params
 
 #: attention classes whose fused query_key_value holds q, k, v per head (b p h 3 e)
-INTERLEAVED_QKV = ("BloomAttention", "PersimmonAttention")
+INTERLEAVED_QKV = ("BloomAttention", "PersimmonAttention", "GPTNeoXAttention", "GPTNeoXJapaneseAttention")
 #: attention classes that do not divide q.k by sqrt(d_head)
 UNSCALED_ATTENTION = ("GPTNeoSelfAttention",)
 #: attention forward arguments that carry an ALiBi bias

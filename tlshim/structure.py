@@ -256,7 +256,7 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths):
     """The first block's layout is every block's (not so where some blocks hold a mixture of experts)."""
     for i, layer in enumerate(layers):
         for owner, *children in (attn_paths, mlp_paths):
-            module = get_path(layer, owner) if owner else layer
+            module = _get(layer, owner) if owner else layer
             missing = [c for c in children if c and not _is_projection(_get(module, c))]
             if module is None or missing:
                 raise UnsupportedModelError(
