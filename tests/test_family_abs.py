@@ -179,3 +179,17 @@ def test_opt_hooks_in_its_row_wise_mlp_have_batch_and_position_axes():
 
     twin.model.decoder.layers[0].fc1.register_forward_hook(by_hand)
     assert torch.equal(edited, logits(twin, ids))
+
+
+@pytest.mark.parametrize("model_type, name", [("gpt2", "hook_pos_embed"), ("bloom", "blocks.1.attn.hook_pattern")])
+def test_generate_with_a_kv_cache_fires_on_the_new_positions_and_changes_nothing(model_type, name):
+    model, twin = installed(model_type)
+    ids = tokens()[:, :5]
+    seen = []
+    with model.hooks(fwd_hooks=[(name, lambda x, hook: seen.append(tuple(x.shape)))]):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0))
+    if name == "hook_pos_embed":
+        assert seen == [(2, 5, 64), (2, 1, 64), (2, 1, 64)]
+    else:  # (batch, heads, new queries, all keys)
+        assert seen == [(2, 4, 5, 5), (2, 4, 1, 6), (2, 4, 1, 7)]
