@@ -193,3 +193,12 @@ def test_generate_with_a_kv_cache_fires_on_the_new_positions_and_changes_nothing
         assert seen == [(2, 5, 64), (2, 1, 64), (2, 1, 64)]
     else:  # (batch, heads, new queries, all keys)
         assert seen == [(2, 4, 5, 5), (2, 4, 1, 6), (2, 4, 1, 7)]
+
+
+@pytest.mark.parametrize("model_type", ("gpt2", "opt", "bloom"))
+def test_an_idle_install_wraps_no_forward(model_type):
+    model, _ = installed(model_type)
+    assert [name for name, module in model.named_modules() if "forward" in vars(module)] == []
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: None)]):
+        assert [name for name, module in model.named_modules() if "forward" in vars(module)]
+    assert [name for name, module in model.named_modules() if "forward" in vars(module)] == []
