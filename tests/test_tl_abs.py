@@ -20,6 +20,9 @@ bridge_module = pytest.importorskip(
 )
 
 TYPES = ("gpt2", "gpt_neo", "opt", "bloom")
+#: the bridge's hook_attn_scores holds the softmax output on these (TransformerLens 4.3.0): there it is
+#: compared with our hook_pattern instead, so the test notices when the bridge changes
+SCORES_ARE_PATTERN = ("gpt_neo", "opt")
 NAMES = ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_q", "blocks.0.attn.hook_v",
          "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out",
          "blocks.0.hook_resid_mid", "blocks.0.mlp.hook_post", "blocks.1.hook_resid_post")
@@ -41,11 +44,14 @@ def test_the_names_both_expose_hold_the_same_values(model_type, tmp_path, monkey
     for name in NAMES:
         if name in theirs:
             got, want = ours[name], theirs[name].expand_as(ours[name])
+            if name.endswith("hook_attn_scores") and model_type in SCORES_ARE_PATTERN:
+                got = ours[name.replace("hook_attn_scores", "hook_pattern")]
             if name.endswith("hook_attn_scores"):  # masked: -inf there, the dtype's minimum as some kernels see it
                 masked = want < -1e30
                 assert (got[masked] < -1e30).all(), name
                 got, want = got[~masked], want[~masked]
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+            # the bridge computes some attention itself (GPT-Neo): float rounding, relative to the values
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()), msg=name)
             compared.append(name)
     assert "hook_pos_embed" in compared or model_type == "bloom", compared
     assert len(compared) >= 8, compared

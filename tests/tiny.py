@@ -71,8 +71,9 @@ def _shrink(config):
         config.num_key_value_heads = config.num_attention_heads  # MLA: as many KV heads as heads
     if hasattr(config, "rope_theta") and getattr(config, "rope_theta", 0) is None:
         config.rope_theta = 10000.0
-    if hasattr(config, "initializer_range"):
-        config.initializer_range = 2 / D_MODEL**0.5
+    for name in ("initializer_range", "init_std"):  # init_std: OPT, XGLM
+        if hasattr(config, name):
+            setattr(config, name, 2 / D_MODEL**0.5)
 
 
 def build(model_type: str, seed: int = 0, attn_implementation: str = "eager", **config_fields):
