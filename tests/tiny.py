@@ -108,8 +108,9 @@ def _shrink(config):
         config.rope_theta = 10000.0
     if not hasattr(config, "pad_token_id"):  # transformers 5.0's Phi and StableLM read it without defining it
         config.pad_token_id = None
-    if hasattr(config, "initializer_range"):
-        config.initializer_range = 2 / D_MODEL**0.5
+    for name in ("initializer_range", "init_std"):  # init_std: OPT, XGLM
+        if hasattr(config, name):
+            setattr(config, name, 2 / D_MODEL**0.5)
 
 
 def build(model_type: str, seed: int = 0, attn_implementation: str = "eager", **config_fields):

@@ -178,6 +178,8 @@ class SdpaCallSite(AttnSite):
     a hook, that call is computed eagerly by tlshim, for that module's forward only."""
 
     routes_config = False
+    #: the function mode that serves the hooks inside one forward of the module
+    mode = _SdpaCall
 
     def kernel_needed(self) -> bool:
         return self.scores.active or self.pattern.active
@@ -185,7 +187,7 @@ class SdpaCallSite(AttnSite):
     def call(self, wrapped, args, kwargs):
         if not self.kernel_needed():
             return wrapped(*args, **kwargs)
-        with _SdpaCall(self):
+        with self.mode(self):
             return wrapped(*args, **kwargs)
 
     def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

@@ -11,11 +11,12 @@ from . import family_moe
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
+from .family_abs import ROWS_POINTS, BatchSite, PosEmbedSite, RowsLayerSite
 from .family_post import MidInputSite
 from .hook_points import HookPoint
 from .journal import ClassSwap, DictEntry
 from .sites import LayerSite, MlpOutSite, NormSite, OutProjSite, RotarySite, Site, SplitSite
-from .spec import get_path
+from .spec import get_path, out_width
 from .unembed import unembed_alias
 from .weights import AttnWeights, EmbedWeights, MlpWeights, NormWeights, TiedEmbedWeights, UnembedWeights
 
@@ -89,9 +90,13 @@ def plan_install(model, spec) -> Plan:
     layers = plan.module(spec.layers)
     first_layer = f"{spec.layers}.0"
 
-    embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed)
+    embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed_out or spec.embed)
     embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
     (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
+    if spec.pos_embed:
+        pos_site = plan.site(spec.pos_embed, PosEmbedSite)
+        batch_site = plan.site(spec.layers.rpartition(".")[0], BatchSite)
+        pos_site.out_points.append((plan.point("hook_pos_embed", model, "hook_pos_embed", pos_site, batch_site), None))
 
     for i in range(len(layers)):
         _plan_layer(plan, i)
@@ -117,8 +122,8 @@ def _plan_layer(plan: Plan, i: int):
     spec = plan.spec
     base = f"{spec.layers}.{i}"
     block = f"blocks.{i}"
-    rel = lambda path: f"{base}.{path}"  # noqa: E731
-    layer_site = plan.site(base, LayerSite)
+    rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
+    layer_site = plan.site(base, RowsLayerSite if spec.mlp_rows else LayerSite)
     layer = layer_site.module
     attn = plan.module(rel(spec.attn))
     mlp = plan.module(rel(spec.mlp))
@@ -144,7 +149,7 @@ def _plan_layer(plan: Plan, i: int):
     attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
     attn_site.head_counts = (n_heads, n_kv)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
-    for name in ("rot_q", "rot_k"):
+    for name in ("rot_q", "rot_k") if spec.rotary_hooks else ():
         setattr(rot_site, name, plan.point(f"{block}.attn.hook_{name}", attn, f"hook_{name}", rot_site))
     attn_site.scores = plan.point(f"{block}.attn.hook_attn_scores", attn, "hook_attn_scores", attn_site)
     attn_site.pattern = plan.point(f"{block}.attn.hook_pattern", attn, "hook_pattern", attn_site)
@@ -176,14 +181,16 @@ def _plan_layer(plan: Plan, i: int):
 
     if not moe:
         mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
-        mlp_points = [(attr, f"{spec.mlp}.{getattr(spec, role + '_proj')}", None) for role, attr in mlp_names]
+        mlp_points = [(attr, _join(spec.mlp, getattr(spec, role + "_proj")), None) for role, attr in mlp_names]
         _plan_projections(plan, mlp_points, base, block, mlp, "mlp")
-        down = plan.site(rel(f"{spec.mlp}.{spec.down_proj}"))
+        down = plan.site(rel(_join(spec.mlp, spec.down_proj)))
         down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
     layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
+    for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input
+        plan.hook_dict[f"{block}.{name}"]._sites += (layer_site,)
     for name in ("ln1_post", "ln2_post"):
         if getattr(spec, name):
             aliases[name] = plan.module(rel(getattr(spec, name)))
@@ -220,10 +227,15 @@ def _plan_projections(plan, points, base, block, owner, prefix):
             parallel.plan_grouped_qkv(plan, path, entries, block, owner, entries[0][1], entries[1][1])
             continue
         site = plan.site(path, SplitSite)
-        width, units = plan.module(path).out_features, sum(n or 1 for _, n in entries)
+        width, units = out_width(plan.module(path)), sum(n or 1 for _, n in entries)
         for attr, n_heads in entries:
             point = plan.point(f"{block}.{prefix}.{attr}", owner, attr, site)
             site.add(point, n_heads, width * (n_heads or 1) // units)
+
+
+def _join(*parts):
+    """A dotted path of the non-empty parts (an MLP that is the decoder layer itself: OPT)."""
+    return ".".join(part for part in parts if part)
 
 
 class _OutWeights:

@@ -25,16 +25,26 @@ def llama_head_counts(attn, config):
     return n_heads, n_kv, attn.head_dim
 
 
+def is_conv1d(module) -> bool:
+    """GPT-2's Conv1D: a linear layer keeping its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def out_width(module) -> int:
+    """The output width of an nn.Linear or a Conv1D."""
+    return module.weight.shape[1] if is_conv1d(module) else module.out_features
+
+
 def linear_params(spec, attn, role):
     """(weight, bias) of the q/k/v/o projection of ``attn`` in nn.Linear layout (out, in)."""
     proj = get_path(attn, getattr(spec, f"{role}_proj"))
-    return proj.weight, proj.bias
+    return (proj.weight.T if is_conv1d(proj) else proj.weight), proj.bias
 
 
 def mlp_linear_params(spec, mlp, role):
     """(weight, bias) of the gate/up/down projection of ``mlp`` in nn.Linear layout (out, in)."""
     proj = get_path(mlp, getattr(spec, f"{role}_proj"))
-    return proj.weight, proj.bias
+    return (proj.weight.T if is_conv1d(proj) else proj.weight), proj.bias
 
 
 def fused_qkv_params(spec, attn, role):
@@ -95,6 +105,15 @@ class ArchSpec:
     embed: str = "model.embed_tokens"
     #: where hook_embed fires: the embedding's output, or (scaled after it) the first layer's input
     embed_hook_on_first_layer: bool = False
+    #: a module after the embedding whose output is what enters the residual stream (OPT's project_in,
+    #: BLOOM's word_embeddings_layernorm): hook_embed fires there
+    embed_out: str | None = None
+    #: the absolute position embedding module whose output is added to the embedding (hook_pos_embed)
+    pos_embed: str | None = None
+    #: whether attention applies rotary (hook_rot_q / hook_rot_k exist)
+    rotary_hooks: bool = True
+    #: whether the layer runs its MLP on (batch * pos, d) rows (OPT)
+    mlp_rows: bool = False
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
     attn: str = "self_attn"

@@ -21,26 +21,29 @@ import inspect
 import torch
 from torch import nn
 
-from . import family_moe, inline_attention, norms
+from . import family_abs, family_moe, inline_attention, norms
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
 from .inline_attention import InlineAttnSite
 from .legacy_attention import LegacyAttnSite
 from .sites import HeadsFirstSite, Site
-from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, linear_params, mlp_linear_params
+from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, is_conv1d, linear_params, mlp_linear_params, out_width
 
 #: child names, tried in order (attention and MLP modules of one decoder layer)
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 MLP = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 #: (q, k, v, o) projection names inside the attention module
 PROJECTIONS = (
-    ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("wq", "wk", "wv", "wo"),
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("wq", "wk", "wv", "wo"),
     ("q_proj", "k_proj", "v_proj", "dense"),
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj"),  # GPT-Neo's wrapper
 )
-#: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT)
-#: (then those whose heads come in groups: family_parallel.GROUPED_QKV)
-FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), *parallel.GROUPED_QKV)
+#: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT, GPT-2's c_attn)
+#: (then those whose heads come in groups: family_parallel.GROUPED_QKV, GPT-NeoX's, BLOOM's, Falcon's)
+FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("c_attn", "c_proj"), *parallel.GROUPED_QKV)
 #: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
 FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
@@ -72,19 +75,23 @@ def derive_spec(model) -> ArchSpec:
     layers_path, layers = _decoder_layers(model)
     layer = layers[0]
     attn_name = _child(layer, ATTENTION, "attention module", layers_path)
-    mlp_name = _child(layer, MLP, "MLP module", layers_path)
-    attn, mlp = getattr(layer, attn_name), getattr(layer, mlp_name)
+    # an MLP whose projections are the layer's own children (OPT, XGLM, BioGPT) is the layer itself
+    mlp_name = "" if _names(layer, PLAIN, None, None) else _child(layer, MLP, "MLP module", layers_path)
+    attn, mlp = get_path(layer, attn_name), get_path(layer, mlp_name)
     q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
-    moe = family_moe.detect([getattr(each, mlp_name) for each in layers], model.config, _mlp_projections)
+    moe = family_moe.detect([get_path(each, mlp_name) for each in layers], model.config, _mlp_projections)
     gate, up, down, d_mlp = _dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     qk_norm = next((pair for pair in QK_NORMS if all(_looks_like_norm(getattr(attn, n, None)) for n in pair)), (None, None))
     _refuse_unserved(attn, UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     _refuse_unserved(mlp, UNSERVED_MLP, f"{layers_path}.0.{mlp_name}")
 
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
-    flow = _probe(model, layer, {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
-    attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o))
-    roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path)
+    owner_path = layers_path.rpartition(".")[0]
+    flow = _probe(model, layer, get_path(model, owner_path), {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
+    entry = family_abs.embedding_entry(model, owner_path, flow) or {}
+    own_scores = bool(entry.get("pos_embed") or family_abs.uses_alibi(attn))
+    attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
+    roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
     first_norm = roles["ln1"] or roles["ln1_post"]
     norm_kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
     for role in ("ln2", "ln1_post", "ln2_post"):
@@ -94,18 +101,22 @@ def derive_spec(model) -> ArchSpec:
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
-    final_path = _final_norm(model, layers_path, norm_kind)
+    final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"))
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
     if moe is not None:
         sizes.update(num_experts=moe.n_experts, experts_per_token=moe.top_k)
     grouped = parallel.GROUPED_QKV.get((q, o)) if q == k else None
-    return ArchSpec(
+    spec = ArchSpec(
         versions="",
         layers=layers_path,
         embed=embed_path,
-        embed_hook_on_first_layer=_embedding_scaled(flow),
+        embed_hook_on_first_layer=not entry and _embedding_scaled(flow),
+        embed_out=entry.get("embed_out"),
+        pos_embed=entry.get("pos_embed"),
+        rotary_hooks=attn_site is not family_abs.SoftmaxAttnSite and not entry.get("pos_embed"),
+        mlp_rows=roles.get("mlp_rows", False),
         final_norm=final_path,
         unembed=_path_of(model, unembed, "output embedding"),
         attn=attn_name,
@@ -114,8 +125,8 @@ def derive_spec(model) -> ArchSpec:
         ln2=roles["ln2"],
         ln1_post=roles.get("ln1_post"),
         ln2_post=roles.get("ln2_post"),
-        attn_out=roles.get("ln1_post") or attn_name,
-        mlp_out=roles.get("ln2_post") or mlp_name,
+        attn_out=roles.get("ln1_post") or roles.get("attn_out") or attn_name,
+        mlp_out=roles.get("ln2_post") or roles.get("mlp_out") or mlp_name,
         q_proj=q,
         k_proj=k,
         v_proj=v,
@@ -138,6 +149,9 @@ def derive_spec(model) -> ArchSpec:
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
         moe=moe,
     )
+    sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
+    sizes["use_attn_scale"] = family_abs.scales_scores(attn)
+    return spec
 
 
 def describe(spec) -> str:
@@ -159,9 +173,9 @@ def structural_head_counts(attn, config):
     d_head = _head_dim(attn, config)
     separate = _names(attn, PROJECTIONS, None, None)
     if separate:
-        return getattr(attn, separate[0]).out_features // d_head, getattr(attn, separate[1]).out_features // d_head, d_head
-    fused = getattr(attn, _names(attn, FUSED_QKV, None, None)[0]).out_features // d_head
-    n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads")
+        return out_width(get_path(attn, separate[0])) // d_head, out_width(get_path(attn, separate[1])) // d_head, d_head
+    fused = out_width(getattr(attn, _names(attn, FUSED_QKV, None, None)[0])) // d_head
+    n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads", None) or attn.n_heads
     return n_heads, (fused - n_heads) // 2, d_head
 
 
@@ -172,7 +186,8 @@ def _same_counts(counts, attn, config):
 
 
 def _head_dim(attn, config):
-    value = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None)
+    inner = getattr(attn, "attention", None)  # GPT-Neo's wrapper holds the attention module
+    value = getattr(attn, "head_dim", None) or getattr(inner, "head_dim", None) or getattr(config, "head_dim", None)
     if value:
         return int(value)
     return config.hidden_size // config.num_attention_heads
@@ -185,8 +200,8 @@ def _structural_cfg(found, model):
     return dict(
         found,
         n_ctx=getattr(config, "max_position_embeddings", None) or -1,
-        act_fn=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None),
-        positional_embedding_type="rotary",
+        act_fn=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or getattr(config, "activation_function", None),
+        positional_embedding_type=found.get("positional_embedding_type", "rotary"),
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
@@ -233,9 +248,20 @@ def _child(layer, candidates, what, layers_path):
     )
 
 
+def _is_projection(module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _get(module, path):
+    try:
+        return get_path(module, path)
+    except AttributeError:
+        return None
+
+
 def _names(module, options, where, what):
     for names in options:
-        if all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+        if all(_is_projection(_get(module, n)) for n in names):
             return names
     if where is None:
         return None
@@ -252,7 +278,7 @@ def _attention_projections(attn, config, where):
     fused = _names(attn, FUSED_QKV, None, None)
     if fused:
         n_heads, n_kv, d_head = structural_head_counts(attn, config)
-        if (n_heads + 2 * n_kv) * d_head != getattr(attn, fused[0]).out_features or n_kv <= 0:
+        if (n_heads + 2 * n_kv) * d_head != out_width(getattr(attn, fused[0])) or n_kv <= 0:
             raise UnsupportedModelError(f"the fused projection {fused[0]} at {where} does not split into q, k, v heads")
         return fused[0], fused[0], fused[0], fused[1]
     raise UnsupportedModelError(
@@ -282,10 +308,10 @@ def _dense_mlp(layers, mlp_name, moe, layers_path, config):
     """(gate, up, down, d_mlp) of the first dense MLP; where every block holds a mixture of experts,
     those of one expert (its names, where experts are modules) and the experts' width."""
     for i, layer in enumerate(layers):
-        mlp = getattr(layer, mlp_name)
+        mlp = get_path(layer, mlp_name)
         if moe is None or not moe.is_moe(mlp):
             gate, up, down = _mlp_projections(mlp, f"{layers_path}.{i}.{mlp_name}")
-            return gate, up, down, getattr(mlp, up).out_features // (2 if gate == up else 1)
+            return gate, up, down, out_width(getattr(mlp, up)) // (2 if gate == up else 1)
     width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     return (*(moe.expert_projections or ("gate_proj", "up_proj", "down_proj")), width)
 
@@ -293,10 +319,10 @@ def _dense_mlp(layers, mlp_name, moe, layers_path, config):
 def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, moe=None):
     """The first block's layout is every block's, but for the blocks that hold a mixture of experts."""
     for i, layer in enumerate(layers):
-        moe_block = moe is not None and moe.is_moe(getattr(layer, mlp_paths[0], None))
+        moe_block = moe is not None and moe.is_moe(_get(layer, mlp_paths[0]) if mlp_paths[0] else layer)
         for owner, *children in (attn_paths,) if moe_block else (attn_paths, mlp_paths):
-            module = getattr(layer, owner, None)
-            missing = [c for c in children if c and not isinstance(getattr(module, c, None), nn.Linear)]
+            module = _get(layer, owner) if owner else layer
+            missing = [c for c in children if c and not _is_projection(_get(module, c))]
             if module is None or missing:
                 raise UnsupportedModelError(
                     f"block {i} at {layers_path}.{i} is not laid out as block 0 ({owner} lacks {missing or 'itself'}): "
@@ -304,20 +330,23 @@ def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, m
                 )
 
 
-def _attention_site(model, layer, attn, where, projections):
+def _attention_site(model, layer, attn, where, projections, own_scores):
     """The site class of the attention: AttnSite where it goes through transformers' attention registry;
-    the legacy site where it is a Llama-derived class from before the registry (rotary and repeat_kv
-    inline) with no parameters beyond its projections and q/k norms (not so DiffLlama's lambdas); else
-    the inline site, where the probe sees it compute softmax(q @ k^T) or call sdpa itself."""
+    one watching its softmax where it computes its own scores with absolute positions or ALiBi
+    (family_abs); the legacy site where it is a Llama-derived class from before the registry (rotary and
+    repeat_kv inline) with no parameters beyond its projections and q/k norms (not so DiffLlama's
+    lambdas); else the inline site, where the probe sees it compute softmax(q @ k^T) or call sdpa."""
     source_module = importlib.import_module(type(attn).__module__)
     if all(hasattr(source_module, name) for name in ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")) and hasattr(attn, "config"):
         return AttnSite
+    if own_scores and "softmax" in inspect.getsource(source_module):
+        return family_abs.SoftmaxAttnSite
     known = {*projections, *(name for pair in QK_NORMS for name in pair)}
     if all(hasattr(source_module, name) for name in LEGACY_ATTENTION) and all(
         name.split(".")[0] in known for name, _ in attn.named_parameters()
     ):
         return LegacyAttnSite
-    if inline_attention.computes_attention(attn, lambda: _probe(model, layer, {})):
+    if inline_attention.computes_attention(attn, lambda: _probe(model, layer, layer, {})):
         return InlineAttnSite
     raise UnsupportedModelError(
         f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
@@ -363,11 +392,13 @@ def _path_of(model, module, what):
     raise UnsupportedModelError(f"the {what} of {type(model).__name__} is not one of its modules")
 
 
-def _final_norm(model, layers_path, norm_kind):
-    """The norm module right after the blocks: a child of the module that holds the block list."""
+def _final_norm(model, layers_path, norm_kind, embed_out=None):
+    """The norm module right after the blocks: a child of the module that holds the block list (not
+    one after the embedding, BLOOM's)."""
     owner_path = layers_path.rpartition(".")[0]
     owner = get_path(model, owner_path)
-    found = [name for name, child in owner.named_children() if _looks_like_norm(child)]
+    prefix = f"{owner_path}." if owner_path else ""
+    found = [name for name, child in owner.named_children() if _looks_like_norm(child) and prefix + name != embed_out]
     if len(found) != 1:
         raise UnsupportedModelError(
             f"no single final norm found next to the blocks in {type(owner).__name__} (norm-like children: {found or 'none'})"
@@ -388,21 +419,24 @@ class _Flow:
 
     def __init__(self):
         self.inputs, self.outputs = {}, {}
+        #: the same of the children of the module that holds the blocks (embeddings, their norm)
+        self.top_inputs, self.top_outputs = {}, {}
         self.embedding = None
 
 
-def _probe(model, layer, extra) -> _Flow:
-    """``extra``: more {name: module} of the first block whose first input and output are recorded."""
+def _probe(model, layer, owner, extra) -> _Flow:
+    """``owner``: the module holding the blocks (its children's first inputs and outputs are recorded
+    too); ``extra``: more {name: module} of the first block whose first input and output are recorded."""
     flow = _Flow()
     handles = []
 
-    def record(name):
+    def record(name, inputs, outputs):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("hidden_states")
-            flow.inputs.setdefault(name, x)
+            inputs.setdefault(name, x)
             out = output[0] if isinstance(output, tuple) else output
-            flow.outputs.setdefault(name, out.clone() if isinstance(out, torch.Tensor) else out)  # Falcon adds in place
-            if name == "":
+            outputs.setdefault(name, out.clone() if isinstance(out, torch.Tensor) else out)  # Falcon adds in place
+            if name == "" and inputs is flow.inputs:
                 raise _ProbeDone
 
         return hook
@@ -410,8 +444,10 @@ def _probe(model, layer, extra) -> _Flow:
     def embedding_hook(module, args, output):
         flow.embedding = output
 
-    for name, child in [("", layer), *layer.named_children(), *extra.items()]:
-        handles.append(child.register_forward_hook(record(name), with_kwargs=True))
+    for name, child in [*layer.named_modules(), *extra.items()]:
+        handles.append(child.register_forward_hook(record(name, flow.inputs, flow.outputs), with_kwargs=True))
+    for name, child in owner.named_children():
+        handles.append(child.register_forward_hook(record(name, flow.top_inputs, flow.top_outputs), with_kwargs=True))
     handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
     vocab = model.get_input_embeddings().num_embeddings
     device = model.get_input_embeddings().weight.device
@@ -439,7 +475,11 @@ def _close(a, b) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
 
 
-def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
+def _adds_up(total, a, b) -> bool:
+    return isinstance(b, torch.Tensor) and _same(total, a + b)
+
+
+def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
     norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
     x = flow.inputs[""]
     where = f"{type(layer).__name__} at {layers_path}.0"
@@ -450,24 +490,36 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path):
     def norm_feeding(tensor):
         return next((n for n in norms_seen if _same(flow.outputs[n], tensor)), None)
 
+    o, up, down = projections
+    # an MLP that is the layer itself reads its input projection and gives its output projection's
+    mlp_in, mlp_name = (mlp_name, mlp_name) if mlp_name else (up, down)
     if not all(isinstance(flow.outputs.get(name), torch.Tensor) for name in (attn_name, mlp_name)):
         raise UnsupportedModelError(f"{where}: the attention or the MLP does not return its output tensor first")
-    roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_name])}
+    roles = {"ln1": norm_feeding(flow.inputs[attn_name]), "ln2": norm_feeding(flow.inputs[mlp_in])}
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"] or _same(flow.inputs.get(roles["ln2"]), x):
-        found = parallel.parallel_roles(flow, attn_name, mlp_name, norm_feeding, _close)
+        found = parallel.parallel_roles(flow, attn_name, mlp_in, norm_feeding, _close)
         if found:
             return {**found, "parallel": True}
     if roles["ln1"] is None or not _same(flow.inputs[roles["ln1"]], x):
         raise UnsupportedModelError(f"{where}: the attention's input is not a norm of the block input (no pre-norm block)")
     if roles["ln2"] is None or roles["ln2"] == roles["ln1"]:
         raise UnsupportedModelError(f"{where}: the MLP does not read its own norm (a parallel block, or no pre-norm)")
+    mid = flow.inputs[roles["ln2"]]
+    roles["mlp_rows"] = mid.dim() == 2 and x.dim() == 3  # the MLP works on (batch * pos, d) rows (OPT)
+    rows = (lambda t: t.view(x.shape)) if roles["mlp_rows"] else (lambda t: t)  # noqa: E731
+    mid = rows(mid)
+    # a sub-layer that adds the residual itself (BLOOM, MPT's MLP): its output projection's is what it adds
+    if _same(flow.outputs[attn_name], mid) and _adds_up(mid, x, flow.outputs.get(f"{attn_name}.{o}")):
+        attn_name = f"{attn_name}.{o}"
+    if _same(flow.outputs[mlp_name], flow.outputs[""]) and _adds_up(flow.outputs[""], mid, flow.outputs.get(f"{mlp_in}.{down}")):
+        mlp_name = f"{mlp_in}.{down}"
+    roles["attn_out"], roles["mlp_out"] = attn_name, mlp_name
     roles["ln1_post"] = norm_reading(flow.outputs[attn_name])
     roles["ln2_post"] = norm_reading(flow.outputs[mlp_name])
     if bool(roles["ln1_post"]) != bool(roles["ln2_post"]):
         raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
-    mlp_out = flow.outputs[roles["ln2_post"] or mlp_name]
-    mid = flow.inputs[roles["ln2"]]
+    mlp_out = rows(flow.outputs[roles["ln2_post"] or mlp_name])
     if not _same(mid, x + attn_out) or not _same(flow.outputs[""], mid + mlp_out):
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + attention output + MLP output "

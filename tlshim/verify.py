@@ -105,7 +105,11 @@ def _verify(model, input_ids):
         want = _shape(cfg, name, batch, pos)
         if want is not None:
             add(Finding(name, "shape", tuple(value.shape) == want, f"{tuple(value.shape)}, expected {want}"))
-    same("hook_embed", "equals blocks.0.hook_resid_pre", cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+    if "hook_pos_embed" in cache:  # absolute positions: added to the token embedding
+        entered = cache["hook_embed"] + cache["hook_pos_embed"]
+        same("hook_pos_embed", "hook_embed + hook_pos_embed equals blocks.0.hook_resid_pre", entered, cache["blocks.0.hook_resid_pre"])
+    else:
+        same("hook_embed", "equals blocks.0.hook_resid_pre", cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
     for i in range(cfg.n_layers):
         b, block = f"blocks.{i}", model.blocks[i]
         if i + 1 < cfg.n_layers:
