@@ -140,7 +140,7 @@ def embedding_entry(model, owner_path, flow):
     if end is None:
         return None
     chain = [end]
-    while True:  # modules reading what the last one gave (a projection, a LayerNorm)
+    while not _same(flow.top_outputs[chain[-1]], x):  # modules reading what the last one gave (a projection, a LayerNorm)
         after = next((n for n in children if n not in chain and _same(flow.top_inputs.get(n), flow.top_outputs[chain[-1]])), None)
         if after is None:
             break
@@ -152,7 +152,7 @@ def embedding_entry(model, owner_path, flow):
         return {"embed_out": embed_out, "pos_embed": None}
     for name in children:
         added = flow.top_outputs[name]
-        if name not in chain and isinstance(added, torch.Tensor) and added.dim() == 3:
+        if name not in chain and isinstance(added, torch.Tensor) and added.dim() == 3 and added.shape[1:] == x.shape[1:]:
             if _same(entered + added, x):
                 return {"embed_out": embed_out, "pos_embed": path(name)}
     return None

@@ -89,9 +89,11 @@ def derive_spec(model) -> ArchSpec:
     owner_path = layers_path.rpartition(".")[0]
     flow = _probe(model, layer, get_path(model, owner_path), {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
     entry = family_abs.embedding_entry(model, owner_path, flow) or {}
-    own_scores = bool(entry.get("pos_embed") or family_abs.uses_alibi(attn))
-    attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
+    # own scores and softmax watched whole (family_abs) where positions are absolute or ALiBi is on in a
+    # sequential block; a parallel block's attention (Falcon, ALiBi or not) is watched op by op (inline)
+    own_scores = not roles.get("parallel") and bool(entry.get("pos_embed") or family_abs.uses_alibi(attn))
+    attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
     first_norm = roles["ln1"] or roles["ln1_post"]
     norm_kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
     for role in ("ln2", "ln1_post", "ln2_post"):
