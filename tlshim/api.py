@@ -15,6 +15,7 @@ from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
 from .saes import SAEMixin
 from .tl_analysis import AnalysisAPI
+from .tl_hooked_root import HookedRootAPI
 from .tl_calls import TLCalls, outside_run, overrides, run
 from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, switched_off
 
@@ -60,7 +61,7 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI(TLCalls, AnalysisAPI, SwitchAPI, SAEMixin):
+class ModelAPI(TLCalls, AnalysisAPI, HookedRootAPI, SwitchAPI, SAEMixin):
     #: set on the per-instance class itself, ahead of the HF base class (TL calls beside HF's)
     _tlshim_overrides = staticmethod(overrides)
 

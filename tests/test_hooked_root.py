@@ -1,0 +1,133 @@
+"""HookedRootModule / TransformerBridge housekeeping (tlshim/tl_hooked_root.py) against known answers:
+the model's own cache, its own parameters and its own weights."""
+
+import pytest
+import torch
+
+import tlshim
+
+from models import build, require, tokens
+from tiny import build as build_tiny
+
+ARCHS = ("llama", "qwen2", "gemma2")
+
+
+def installed(arch):
+    require(arch)
+    return tlshim.install(build(arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_input_to_embed_gives_resid_pre_0_and_resumes_to_the_logits(arch):
+    model, ids = installed(arch), tokens()
+    logits, cache = model.run_with_cache(ids)
+    residual, toks, shortformer, mask = model.input_to_embed(ids)
+    assert torch.equal(residual, cache["blocks.0.hook_resid_pre"])
+    assert torch.equal(toks, ids) and shortformer is None and mask is None
+    assert torch.equal(model(residual, start_at_layer=0), logits)
+    assert torch.equal(model.get_residual(cache["hook_embed"], 0, return_shortformer_pos_embed=False), cache["hook_embed"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_add_caching_hooks_fills_the_cache_run_with_cache_gives(arch):
+    model, ids = installed(arch), tokens()
+    _, expected = model.run_with_cache(ids)
+    cache = model.add_caching_hooks()
+    assert cache == {}
+    model(ids)
+    assert sorted(cache) == sorted(expected.keys())
+    assert all(torch.equal(cache[name], expected[name]) for name in cache)
+    model.reset_hooks()
+    cache.clear()
+    model(ids)
+    assert cache == {}
+
+
+def test_perma_hooks_survive_reset_and_list_hooks_shows_them():
+    model, ids = installed("llama"), tokens()
+    plain = model(ids).logits
+    zero = lambda t, hook: t * 0  # noqa: E731
+    model.add_perma_hook("blocks.1.hook_mlp_out", zero)
+    model.add_hook("blocks.0.attn.hook_z", zero)
+    assert sorted(model.list_hooks()) == ["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
+    assert list(model.list_hooks(including_permanent=False)) == ["blocks.0.attn.hook_z"]
+    assert list(model.list_hooks("blocks.1.hook_mlp_out")) == ["blocks.1.hook_mlp_out"]
+    model.reset_hooks()
+    assert list(model.list_hooks()) == ["blocks.1.hook_mlp_out"]
+    assert not torch.equal(model(ids).logits, plain)
+    model.reset_hooks(including_permanent=True)
+    assert model.list_hooks() == {} and torch.equal(model(ids).logits, plain)
+
+
+def test_hook_lookups_and_checks():
+    model = installed("llama")
+    point = model.get_hook_point("blocks.0.attn.hook_q")
+    assert point is model.hook_dict["blocks.0.attn.hook_q"] and model.get_hook_point("blocks.0.nope") is None
+    assert model.mod_dict["blocks.0.hook_resid_post"] is model.hook_dict["blocks.0.hook_resid_post"]
+    assert model.mod_dict["model.layers.0.self_attn"] is model.model.layers[0].self_attn
+    assert "attn.hook_pattern" in model.block_hooks(0) and all(not n.startswith("blocks.") for n in model.block_hooks(1))
+    with pytest.raises(ValueError, match="use_hook_mlp_in is False"):
+        model.check_hooks_to_add(model.hook_dict["blocks.0.hook_mlp_in"], "blocks.0.hook_mlp_in", print)
+    model.check_hooks_to_add(point, "blocks.0.attn.hook_q", print)
+    model.check_and_add_hook(point, "blocks.0.attn.hook_q", lambda t, hook: None)
+    assert list(model.list_hooks()) == ["blocks.0.attn.hook_q"]
+    point.ctx["x"] = 1
+    model.clear_contexts()
+    assert point.ctx == {}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameter_counts_and_tl_named_weights(arch):
+    model = installed(arch)
+    assert model.n_params_total == sum(p.numel() for p in build(arch).parameters())
+    params = model.tl_parameters()
+    assert params["blocks.1.attn.W_Q"] is not None and torch.equal(params["blocks.1.attn.W_Q"], model.W_Q[1])
+    assert params["blocks.1.attn.W_K"].shape == params["blocks.1.attn.W_Q"].shape  # GQA heads repeated, as TransformerBridge
+    assert torch.equal(params["unembed.W_U"], model.W_U) and torch.equal(params["embed.W_E"], model.W_E)
+    assert torch.equal(params["blocks.0.ln1.w"], model.blocks[0].ln1.w)
+    assert dict(model.tl_named_parameters()).keys() == params.keys() == model.get_params().keys()
+
+
+def test_layers_and_attention_layer_circuits():
+    model = installed("llama")
+    n = model.cfg.n_layers
+    assert model.layer_types() == ["attn+mlp"] * n and model.composition_layer_indices() == list(range(n))
+    assert model.block_submodules(0) == ["ln1", "attn", "ln2", "mlp"]
+    assert model.attn_head_labels == model.all_head_labels
+    indices, W_O = model.stack_params_for("attn", "attn.W_O")
+    assert indices == list(range(n)) and torch.equal(W_O, model.W_O)
+    for pair, whole in ((model.QK_for_attn_layers(), model.QK), (model.OV_for_attn_layers(), model.OV)):
+        assert pair[0] == list(range(n)) and torch.equal(pair[1].AB, whole.AB)
+    with pytest.raises(ValueError, match="no block has a submodule 'ssm'"):
+        model.stack_params_for("ssm", "ssm.W")
+
+
+def test_the_model_and_its_hf_generate():
+    model, ids = installed("llama"), tokens(batch=1, seq=5)
+    assert model.original_model is model and model.compatibility_mode is False
+    plain = build("llama")
+    out = model.hf_generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, plain.generate(ids, max_new_tokens=4, do_sample=False))
+    assert model.get_pos_offset(None, 1) == 0
+
+
+def test_rotary_models_have_no_w_pos():
+    model = installed("llama")
+    assert model.cfg.positional_embedding_type == "rotary"
+    with pytest.raises(ValueError, match="no position embedding table"):
+        model.W_pos
+    with pytest.raises(ValueError, match="no position embedding table"):
+        model.W_E_pos
+
+
+@pytest.mark.filterwarnings("ignore:tlshim has no spec")
+def test_absolute_positions_w_pos_and_get_residual():
+    model = tlshim.install(build_tiny("gpt2"))
+    ids = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.W_pos, model.transformer.wpe.weight)
+    assert model.W_E_pos.shape == (model.cfg.d_vocab + model.cfg.n_ctx, model.cfg.d_model)
+    _, cache = model.run_with_cache(ids)
+    residual, _ = model.get_residual(cache["hook_embed"], 0)
+    assert torch.allclose(residual, cache["blocks.0.hook_resid_pre"], atol=1e-6)
+    assert torch.equal(model.input_to_embed(ids)[0], cache["blocks.0.hook_resid_pre"])
+    assert torch.equal(model.get_params()["pos_embed.W_pos"], model.W_pos)

@@ -1,0 +1,268 @@
+"""HookedRootModule / TransformerBridge housekeeping on an installed model: hook bookkeeping
+(add_caching_hooks, list_hooks, mod_dict, ...), the embedding entry (input_to_embed, W_pos), TL-named
+parameters and the per-layer views of hybrid-model helpers. Methods only: nothing on the forward path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .factored import factored
+from .spec import get_path
+from .tl_switches import canonical, check_named, default_cache_filter
+
+_ATTN = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
+_MLP = ("W_in", "W_gate", "W_out", "b_in", "b_out")
+_NORM = ("w", "b")
+
+
+def _optional(obj, name):
+    """``obj.name``, or None where this model has no such weight (a bias-free projection)."""
+    try:
+        return getattr(obj, name, None)
+    except (ValueError, NotImplementedError):
+        return None
+
+
+class HookedRootAPI:
+    # -- hook bookkeeping ----------------------------------------------------------------------
+
+    def add_perma_hook(self, name, hook, dir="fwd"):
+        """``add_hook(..., is_permanent=True)``: survives ``reset_hooks()`` unless ``including_permanent=True``."""
+        return self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def add_caching_hooks(self, names_filter=None, incl_bwd=False, device=None, remove_batch_dim=False, cache=None):
+        """Add model-wide hooks (until ``reset_hooks``) that store the named activations of every forward
+        in ``cache``; returns the cache dict (filled when the model runs). By default run_with_cache's names."""
+        names_filter = default_cache_filter(self.cfg) if names_filter is None else names_filter
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
+        for dir, pairs in (("fwd", fwd), ("bwd", bwd)):
+            for name, fn in pairs:
+                self.add_hook(name, fn, dir=dir)
+        return cache
+
+    def check_hooks_to_add(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False, prepend=False):
+        """Raise for a hook on a point a switch turns off (it would never fire); TL's override point."""
+        check_named(self.cfg, canonical(hook_point_name))
+
+    def check_and_add_hook(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        """``check_hooks_to_add``, then add ``hook`` to ``hook_point`` (model-wide)."""
+        if level is not None:
+            raise ValueError("tlshim keeps no hook levels: scoped hooks belong to model.hooks(...) and end with "
+                             "its block; pass level=None")
+        self.check_hooks_to_add(hook_point, hook_point_name, hook, dir, is_permanent, prepend)
+        return hook_point.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+
+    def clear_contexts(self):
+        """Empty every hook point's ``ctx`` dict."""
+        for point in self._tlshim.hook_dict.values():
+            point.clear_context()
+
+    def get_hook_point(self, hook_name):
+        """The HookPoint of a name (TransformerLens or HF alias), or None where there is none."""
+        return self._tlshim.hook_dict.get(canonical(hook_name))
+
+    def list_hooks(self, name_filter=None, dir="both", including_permanent=True):
+        """{hook name: its hooks} for every point that has one (the calling thread's scoped hooks included)."""
+        if name_filter is None:
+            accept = lambda name: True  # noqa: E731
+        elif isinstance(name_filter, str):
+            accept = canonical(name_filter).__eq__
+        elif callable(name_filter):
+            accept = name_filter
+        else:
+            accept = {canonical(name) for name in name_filter}.__contains__
+        found = {}
+        for name, point in self._tlshim.hook_dict.items():
+            hooks = [h for h in point.registrations(dir) if including_permanent or not h.permanent]
+            if hooks and accept(name):
+                found[name] = hooks
+        return found
+
+    @property
+    def mod_dict(self) -> dict:
+        """Every named module (HF names) and every hook point (TransformerLens names): name -> object."""
+        return {**{name: module for name, module in self.named_modules() if name}, **self._tlshim.hook_dict}
+
+    def block_hooks(self, layer_idx):
+        """Sorted hook names of block ``layer_idx``, relative to the block (``"attn.hook_z"``, ...)."""
+        prefix = f"blocks.{layer_idx}."
+        return sorted(name[len(prefix):] for name in self._tlshim.hook_dict if name.startswith(prefix))
+
+    # -- the model as a whole ------------------------------------------------------------------
+
+    @property
+    def original_model(self):
+        """The HuggingFace model: tlshim patches it in place, so it is the model itself."""
+        return self
+
+    #: TransformerBridge's compatibility mode processes weights; tlshim never rewrites them
+    compatibility_mode = False
+
+    @property
+    def n_params_total(self) -> int:
+        """The number of parameters (tied ones counted once, as ``model.parameters()`` yields them)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hf_generate(self, *args, **kwargs):
+        """HuggingFace's own ``generate`` (``model.generate`` takes TransformerLens's arguments too)."""
+        for cls in type(self).__mro__[1:]:
+            if "generate" in vars(cls) and not cls.__module__.startswith("tlshim"):
+                return vars(cls)["generate"](self, *args, **kwargs)
+        raise TypeError(f"{type(self).__name__} has no HuggingFace generate")
+
+    def mps(self):
+        """The model moved to Apple's MPS device (TransformerLens warns results there may be wrong)."""
+        return self.to(torch.device("mps"))
+
+    def set_tokenizer(self, tokenizer, default_padding_side=None):
+        """Use ``tokenizer`` for to_tokens, to_string and string inputs from now on."""
+        from transformers import PreTrainedTokenizerBase
+
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"set_tokenizer takes a HuggingFace tokenizer, got {type(tokenizer).__name__}")
+        if default_padding_side not in ("right", "left", None):
+            raise ValueError(f"default_padding_side must be 'right', 'left' or None, got {default_padding_side!r}")
+        if default_padding_side is not None:
+            tokenizer.padding_side = default_padding_side
+        self._tlshim.tokenizer = tokenizer
+
+    # -- layers ---------------------------------------------------------------------------------
+
+    def blocks_with(self, submodule):
+        """[(layer index, block)] of the blocks that have ``submodule`` ("attn", "mlp", "ln1", ...)."""
+        return [(i, block) for i, block in enumerate(self.blocks) if _optional(block, submodule) is not None]
+
+    def block_submodules(self, layer_idx):
+        """The TransformerLens-named submodules block ``layer_idx`` has."""
+        block = self.blocks[layer_idx]
+        return [name for name in ("ln1", "attn", "ln2", "mlp") if _optional(block, name) is not None]
+
+    def layer_types(self):
+        """Per block, its attention and MLP kind: "attn+mlp" for every layer of the models tlshim serves."""
+        return ["+".join(n for n in ("attn", "mlp") if _optional(block, n) is not None) or "unknown" for block in self.blocks]
+
+    def composition_layer_indices(self):
+        """The layer index of each attention layer (the rows of ``all_composition_scores``)."""
+        return [i for i, _ in self.blocks_with("attn")]
+
+    @property
+    def attn_head_labels(self):
+        """``L{layer}H{head}`` for every head of every attention layer."""
+        return [f"L{l}H{h}" for l in self.composition_layer_indices() for h in range(self.cfg.n_heads)]
+
+    def stack_params_for(self, submodule, attr_path, reshape_fn=None):
+        """(layer indices, the weight ``attr_path`` of each block having ``submodule``, stacked)."""
+        matching = self.blocks_with(submodule)
+        if not matching:
+            raise ValueError(f"no block has a submodule {submodule!r}; blocks have {self.block_submodules(0)}")
+        weights = []
+        for i, block in matching:
+            weight = get_path(block, attr_path)
+            if weight is None:
+                raise AttributeError(f"blocks[{i}].{attr_path} is None: this model has no such weight (bias-free)")
+            weights.append(weight if reshape_fn is None else reshape_fn(weight))
+        return [i for i, _ in matching], torch.stack(weights)
+
+    def QK_for_attn_layers(self):
+        """(attention layer indices, their QK circuit as a FactoredMatrix)."""
+        indices, W_Q = self.stack_params_for("attn", "attn.W_Q")
+        return indices, factored(W_Q, self._expand_kv(self.stack_params_for("attn", "attn.W_K")[1]).transpose(-2, -1))
+
+    def OV_for_attn_layers(self):
+        """(attention layer indices, their OV circuit as a FactoredMatrix)."""
+        indices, W_V = self.stack_params_for("attn", "attn.W_V")
+        return indices, factored(self._expand_kv(W_V), self.stack_params_for("attn", "attn.W_O")[1])
+
+    # -- TransformerLens-named weights -----------------------------------------------------------
+
+    def get_params(self) -> dict:
+        """{TransformerLens name: weight} as TransformerBridge gives them (the model's own tensors; GQA
+        key/value heads repeated for their query heads; weights this model lacks, e.g. absent biases, left out)."""
+        params = {"embed.W_E": self.W_E}
+        if self._tlshim.spec.pos_embed and self._learned_pos() is not None:
+            params["pos_embed.W_pos"] = self.W_pos
+        for i, block in enumerate(self.blocks):
+            for part, names in (("ln1", _NORM), ("attn", _ATTN), ("ln2", _NORM), ("mlp", _MLP)):
+                module = _optional(block, part)
+                for name in names if module is not None else ():
+                    value = _optional(module, name)
+                    if value is not None:
+                        if name in ("W_K", "W_V", "b_K", "b_V") and value.shape[0] != self.cfg.n_heads:
+                            value = value.repeat_interleave(self.cfg.n_heads // value.shape[0], dim=0)
+                        params[f"blocks.{i}.{part}.{name}"] = value
+        for owner, names in (("ln_final", _NORM), ("unembed", ("W_U", "b_U"))):
+            module = _optional(self, owner)
+            for name in names if module is not None else ():
+                value = _optional(module, name)
+                if value is not None:
+                    params[f"{owner}.{name}"] = value
+        return params
+
+    def tl_parameters(self) -> dict:
+        """``get_params()``: TransformerLens-named weights (``model.parameters()`` stays HF's)."""
+        return self.get_params()
+
+    def tl_named_parameters(self):
+        """An iterator of (TransformerLens name, weight)."""
+        return iter(self.get_params().items())
+
+    # -- the embedding entry ---------------------------------------------------------------------
+
+    def _learned_pos(self):
+        """The learned absolute position table (n_ctx, d_model), or None (a sinusoidal one has no weight)."""
+        module = get_path(self, self._tlshim.spec.pos_embed)
+        weight = next((p for p in module.parameters() if p.dim() == 2), None)
+        if weight is not None and weight.shape[0] == self.cfg.n_ctx + 2:  # OPT numbers positions from 2
+            weight = weight[2:]
+        return weight
+
+    @property
+    def W_pos(self):
+        """The learned absolute position embedding (n_ctx, d_model)."""
+        kind = self.cfg.positional_embedding_type
+        if not self._tlshim.spec.pos_embed:
+            raise ValueError(f"W_pos: this model has no position embedding table (positional_embedding_type={kind!r}: "
+                             "positions enter inside attention); W_E is its whole input basis")
+        weight = self._learned_pos()
+        if weight is None:
+            raise ValueError(f"W_pos: this model's positions are a fixed {kind} function with no weight table")
+        return weight
+
+    @property
+    def W_E_pos(self):
+        """``[W_E; W_pos]`` (d_vocab + n_ctx, d_model): the full input basis of an absolute-position model."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    def get_pos_offset(self, past_kv_cache, batch_size):
+        """The number of positions ``past_kv_cache`` already holds (0 without one)."""
+        if past_kv_cache is None:
+            return 0
+        if hasattr(past_kv_cache, "get_seq_length"):
+            return int(past_kv_cache.get_seq_length())
+        raise TypeError(f"get_pos_offset takes a transformers Cache or None, got {type(past_kv_cache).__name__}")
+
+    def get_residual(self, embed, pos_offset, prepend_bos=None, attention_mask=None, tokens=None,
+                     return_shortformer_pos_embed=True, device=None):
+        """The residual entering block 0 from the token embedding ``embed`` (batch, pos, d_model): with the
+        learned position rows from ``pos_offset`` added on an absolute-position model, as it is otherwise."""
+        residual = embed
+        if self._tlshim.spec.pos_embed:
+            residual = embed + self.W_pos[pos_offset:pos_offset + embed.shape[1]].to(embed)
+        return (residual, None) if return_shortformer_pos_embed else residual
+
+    def input_to_embed(self, input, prepend_bos=None, padding_side=None, attention_mask=None, past_kv_cache=None):
+        """(residual entering block 0 = ``blocks.0.hook_resid_pre``, tokens, None, attention_mask); resume
+        with ``model(residual, start_at_layer=0)``."""
+        if isinstance(input, (str, list)):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        elif torch.is_tensor(input) and not input.is_floating_point():
+            tokens = input[None] if input.dim() == 1 else input
+        else:
+            raise TypeError(f"input_to_embed takes a string, a list of strings or token ids, got {type(input).__name__}")
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        if past_kv_cache is not None:
+            kwargs["past_kv_cache"] = past_kv_cache
+        residual = self(tokens, stop_at_layer=0, **kwargs)
+        return residual, tokens, None, attention_mask
+
