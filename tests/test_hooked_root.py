@@ -131,3 +131,25 @@ def test_absolute_positions_w_pos_and_get_residual():
     assert torch.allclose(residual, cache["blocks.0.hook_resid_pre"], atol=1e-6)
     assert torch.equal(model.input_to_embed(ids)[0], cache["blocks.0.hook_resid_pre"])
     assert torch.equal(model.get_params()["pos_embed.W_pos"], model.W_pos)
+
+
+@pytest.mark.parametrize("use_past_kv_cache", (True, False))
+def test_generate_stream_yields_what_generate_gives(use_past_kv_cache):
+    model, ids = installed("llama"), tokens(batch=2, seq=5)
+    whole = model.generate(ids, max_new_tokens=7, do_sample=False, stop_at_eos=False, verbose=False)
+    chunks = list(model.generate_stream(ids, max_new_tokens=7, max_tokens_per_yield=4, do_sample=False,
+                                        stop_at_eos=False, use_past_kv_cache=use_past_kv_cache))
+    # as in TransformerLens: the first batch is the prompt and the first token (yielded at once, being
+    # over the limit), then batches of 4, then the rest
+    assert [c.shape[1] for c in chunks] == [5 + 1, 4, 2]
+    assert torch.equal(torch.cat(chunks, dim=-1), whole)
+
+
+def test_generate_stream_pads_finished_rows_and_stops_when_all_are_done():
+    model, ids = installed("llama"), tokens(batch=2, seq=5)
+    first = model.generate(ids, max_new_tokens=1, do_sample=False, stop_at_eos=False, verbose=False)[:, -1]
+    eos = int(first[0])  # row 0 ends at once; row 1 goes on (unless it picks the same token)
+    chunks = list(model.generate_stream(ids, max_new_tokens=6, max_tokens_per_yield=100, do_sample=False, eos_token_id=eos))
+    out = torch.cat(chunks, dim=-1)
+    assert (out[0, 5:] == eos).all()
+    assert out.shape[1] == 5 + (1 if int(first[1]) == eos else 6)

@@ -111,6 +111,16 @@ class HookedRootAPI:
                 return vars(cls)["generate"](self, *args, **kwargs)
         raise TypeError(f"{type(self).__name__} has no HuggingFace generate")
 
+    def generate_stream(self, input="", max_new_tokens=10, max_tokens_per_yield=25, stop_at_eos=True, eos_token_id=None,
+                        do_sample=True, top_k=None, top_p=None, temperature=1.0, freq_penalty=0.0,
+                        use_past_kv_cache=True, prepend_bos=None, padding_side=None, return_type="input", verbose=False):
+        """Yield the generated tokens in batches of up to ``max_tokens_per_yield`` (the first with the prompt),
+        sampled as ``generate`` samples; the HF forward runs each step, with its KV cache."""
+        from .tl_generate import stream
+
+        return stream(self, input, max_new_tokens, max_tokens_per_yield, stop_at_eos, eos_token_id, do_sample,
+                      top_k, top_p, temperature, freq_penalty, use_past_kv_cache, prepend_bos, padding_side)
+
     def mps(self):
         """The model moved to Apple's MPS device (TransformerLens warns results there may be wrong)."""
         return self.to(torch.device("mps"))
