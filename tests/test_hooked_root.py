@@ -153,3 +153,36 @@ def test_generate_stream_pads_finished_rows_and_stops_when_all_are_done():
     out = torch.cat(chunks, dim=-1)
     assert (out[0, 5:] == eos).all()
     assert out.shape[1] == 5 + (1 if int(first[1]) == eos else 6)
+
+
+def test_hook_aliases_resolve_to_their_points_and_rotary_emb_is_the_models():
+    model = installed("llama")
+    aliases = model.hook_aliases
+    assert aliases["blocks.2.attn.hook_q_input"] == "blocks.2.hook_q_input"
+    assert len(aliases) == 4 * model.cfg.n_layers  # attn_in, q/k/v input per block
+    model.set_use_split_qkv_input(True)
+    assert all(model.get_hook_point(alias) is model.hook_dict[name] for alias, name in aliases.items())
+    assert model.rotary_emb is model.model.rotary_emb
+
+
+@pytest.mark.filterwarnings("ignore:tlshim has no spec")
+def test_models_without_rotary_say_so():
+    with pytest.raises(ValueError, match="no rotary embedding module"):
+        tlshim.install(build_tiny("gpt2")).rotary_emb
+
+
+def test_supported_models_and_check_model_support():
+    model = installed("llama")
+    listed = model.list_supported_models()
+    assert {"llama", "mistral", "qwen2", "gemma2"} <= set(listed) and listed == sorted(listed)
+    assert model.list_supported_models(architecture="llama") == ["llama"]
+    assert set(model.list_supported_models(verified_only=True)) <= set(listed)
+    assert model.check_model_support("llama")["is_supported"] is True
+    unknown = model.check_model_support("no_such_type")
+    assert unknown["is_supported"] is False and unknown["architecture_id"] == "no_such_type"
+
+
+def test_check_model_support_reads_a_local_checkpoint(tmp_path):
+    build("qwen2").config.save_pretrained(tmp_path)
+    found = tlshim.install(build("llama")).check_model_support(str(tmp_path))
+    assert found["architecture_id"] == "qwen2" and found["is_supported"] is True

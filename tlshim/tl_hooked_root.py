@@ -84,6 +84,17 @@ class HookedRootAPI:
         """Every named module (HF names) and every hook point (TransformerLens names): name -> object."""
         return {**{name: module for name, module in self.named_modules() if name}, **self._tlshim.hook_dict}
 
+    @property
+    def hook_aliases(self) -> dict:
+        """{TransformerBridge's spelling: the hook_dict name it resolves to} (``blocks.i.attn.hook_q_input``
+        and the other attention-input names, which TransformerLens 3 keeps on the block)."""
+        aliases = {}
+        for name in self._tlshim.hook_dict:
+            block, _, hook = name.rpartition(".")
+            if block and canonical(f"{block}.attn.{hook}") == name:
+                aliases[f"{block}.attn.{hook}"] = name
+        return aliases
+
     def block_hooks(self, layer_idx):
         """Sorted hook names of block ``layer_idx``, relative to the block (``"attn.hook_z"``, ...)."""
         prefix = f"blocks.{layer_idx}."
@@ -120,6 +131,46 @@ class HookedRootAPI:
 
         return stream(self, input, max_new_tokens, max_tokens_per_yield, stop_at_eos, eos_token_id, do_sample,
                       top_k, top_p, temperature, freq_penalty, use_past_kv_cache, prepend_bos, padding_side)
+
+    @staticmethod
+    def list_supported_models(architecture=None, verified_only=False):
+        """The HF model types tlshim serves (by architecture, not hub ids): those with a spec and those
+        the sweep verified on this transformers version (``verified_only``: the latter); ``architecture``
+        keeps one model type."""
+        from . import registry
+
+        types = set(registry.verified_types())
+        if not verified_only:
+            types |= {t for t in registry.ARCHITECTURES if registry.spec_in_range(t) is not None}
+        return sorted(t for t in types if architecture is None or t == architecture)
+
+    @staticmethod
+    def check_model_support(model_id):
+        """{"is_supported", "architecture_id" (the model type), "status" (the sweep's), "suggestion"} for a
+        model type or a local checkpoint directory (its config.json; no hub is asked)."""
+        import os
+
+        from . import registry
+
+        model_type = model_id
+        if os.path.isdir(model_id):
+            from transformers import AutoConfig
+
+            model_type = AutoConfig.from_pretrained(model_id, local_files_only=True).model_type
+        status = registry.sweep_results().get(model_type, {}).get("status")
+        spec = model_type in registry.ARCHITECTURES and registry.spec_in_range(model_type) is not None
+        supported = spec or status == "verified"
+        return {"is_supported": supported, "architecture_id": model_type, "status": "spec" if spec and status is None else status,
+                "suggestion": None if supported else "tlshim.install(model) tries the structural path and says why it refuses"}
+
+    @property
+    def rotary_emb(self):
+        """The model's rotary position embedding module (HF's ``rotary_emb``)."""
+        found = next((m for name, m in self.named_modules() if name.rsplit(".", 1)[-1] == "rotary_emb"), None)
+        if found is None:
+            raise ValueError(f"rotary_emb: this model has no rotary embedding module "
+                             f"(positional_embedding_type={self.cfg.positional_embedding_type!r})")
+        return found
 
     def mps(self):
         """The model moved to Apple's MPS device (TransformerLens warns results there may be wrong)."""
