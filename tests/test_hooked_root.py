@@ -131,6 +131,7 @@ def test_absolute_positions_w_pos_and_get_residual():
     assert torch.allclose(residual, cache["blocks.0.hook_resid_pre"], atol=1e-6)
     assert torch.equal(model.input_to_embed(ids)[0], cache["blocks.0.hook_resid_pre"])
     assert torch.equal(model.get_params()["pos_embed.W_pos"], model.W_pos)
+    assert model.real_components["pos_embed"] == ("transformer.wpe", model.transformer.wpe)
 
 
 @pytest.mark.parametrize("use_past_kv_cache", (True, False))
@@ -186,3 +187,22 @@ def test_check_model_support_reads_a_local_checkpoint(tmp_path):
     build("qwen2").config.save_pretrained(tmp_path)
     found = tlshim.install(build("llama")).check_model_support(str(tmp_path))
     assert found["architecture_id"] == "qwen2" and found["is_supported"] is True
+
+
+def test_context_level_counts_the_threads_hook_blocks():
+    model, ids = installed("llama"), tokens(batch=1, seq=4)
+    seen = []
+    assert model.context_level == 0
+    with model.hooks():
+        with model.hooks():
+            model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_pre", lambda t, hook: seen.append(model.context_level))])
+        assert model.context_level == 1
+    assert seen == [3] and model.context_level == 0
+
+
+def test_real_components_are_the_hf_modules():
+    model = installed("llama")
+    found = model.real_components
+    assert found["embed"] == ("model.embed_tokens", model.model.embed_tokens)
+    assert found["unembed"] == ("lm_head", model.lm_head) and found["ln_final"] == ("model.norm", model.model.norm)
+    assert found["blocks"] == ("model.layers", list(model.model.layers)) and "pos_embed" not in found

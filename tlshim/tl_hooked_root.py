@@ -5,12 +5,16 @@ parameters and the per-layer views of hybrid-model helpers. Methods only: nothin
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 from .factored import factored
 from .spec import get_path
 from .tl_switches import canonical, check_named, default_cache_filter
 
+#: how many ``model.hooks()`` blocks (run_with_hooks, run_with_cache) the calling thread / task is inside
+HOOKS_LEVEL: contextvars.ContextVar = contextvars.ContextVar("tlshim_hooks_level", default=0)
 _ATTN = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
 _MLP = ("W_in", "W_gate", "W_out", "b_in", "b_out")
 _NORM = ("w", "b")
@@ -94,6 +98,12 @@ class HookedRootAPI:
             if block and canonical(f"{block}.attn.{hook}") == name:
                 aliases[f"{block}.attn.{hook}"] = name
         return aliases
+
+    @property
+    def context_level(self) -> int:
+        """How deep the calling thread / asyncio task is in ``hooks()`` blocks (run_with_hooks and
+        run_with_cache open one): 0 outside (TransformerLens counts per model, tlshim's hooks are per thread)."""
+        return HOOKS_LEVEL.get()
 
     def block_hooks(self, layer_idx):
         """Sorted hook names of block ``layer_idx``, relative to the block (``"attn.hook_z"``, ...)."""
@@ -187,6 +197,16 @@ class HookedRootAPI:
         if default_padding_side is not None:
             tokenizer.padding_side = default_padding_side
         self._tlshim.tokenizer = tokenizer
+
+    @property
+    def real_components(self) -> dict:
+        """{TransformerLens component name: (its HF module path, the module; the layers' list for "blocks")}."""
+        spec = self._tlshim.spec
+        paths = {"embed": spec.embed, "pos_embed": spec.pos_embed, "blocks": spec.layers,
+                 "ln_final": spec.final_norm, "unembed": spec.unembed}
+        found = {name: (path, get_path(self, path)) for name, path in paths.items() if path}
+        found["blocks"] = (spec.layers, list(found["blocks"][1]))
+        return found
 
     # -- layers ---------------------------------------------------------------------------------
 
