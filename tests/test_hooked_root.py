@@ -206,3 +206,74 @@ def test_real_components_are_the_hf_modules():
     assert found["embed"] == ("model.embed_tokens", model.model.embed_tokens)
     assert found["unembed"] == ("lm_head", model.lm_head) and found["ln_final"] == ("model.norm", model.model.norm)
     assert found["blocks"] == ("model.layers", list(model.model.layers)) and "pos_embed" not in found
+
+
+def _unchanged(model, before):
+    return all(torch.equal(value, before[name]) for name, value in model.get_params().items())
+
+
+def test_fold_layer_norm_reproduces_q_and_logits_from_the_normalized_stream():
+    model, ids = installed("llama"), tokens()
+    before = {name: value.clone() for name, value in model.get_params().items()}
+    logits, cache = model.run_with_cache(ids)
+    folded = model.fold_layer_norm(model.get_params(), fold_biases=False, center_weights=False)
+    assert "blocks.0.ln1.w" not in folded and "ln_final.w" not in folded and _unchanged(model, before)
+    x = cache["blocks.1.hook_resid_pre"] / cache["blocks.1.ln1.hook_scale"]
+    q = torch.einsum("bpd,hde->bphe", x, folded["blocks.1.attn.W_Q"])
+    assert torch.allclose(q, cache["blocks.1.attn.hook_q"], atol=1e-4)
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"] / cache["ln_final.hook_scale"]
+    assert torch.allclose(final @ folded["unembed.W_U"], logits, atol=1e-4)
+
+
+def test_centering_leaves_the_model_and_centers_the_weights():
+    model = installed("llama")
+    before = {name: value.clone() for name, value in model.get_params().items()}
+    written = model.center_writing_weights(model.get_params())
+    for key in ("embed.W_E", "blocks.2.attn.W_O", "blocks.2.mlp.W_out"):
+        assert torch.allclose(written[key].mean(-1), torch.zeros(()), atol=1e-6)
+    unembed = model.center_unembed(model.get_params())["unembed.W_U"]
+    shift = model.W_U - unembed  # a constant per d_model row: logits move by one number per position
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-6)
+    assert _unchanged(model, before)
+
+
+def test_fold_value_biases_keeps_attn_out():
+    model, ids = installed("qwen2"), tokens()
+    _, cache = model.run_with_cache(ids)
+    params, folded = model.get_params(), model.fold_value_biases(model.get_params())
+    assert not torch.equal(params["blocks.1.attn.b_V"], torch.zeros_like(params["blocks.1.attn.b_V"]))
+    assert torch.equal(folded["blocks.1.attn.b_V"], torch.zeros_like(params["blocks.1.attn.b_V"]))
+    z = cache["blocks.1.attn.hook_z"] - params["blocks.1.attn.b_V"]  # what z is with b_V = 0
+    out = torch.einsum("bphe,hed->bpd", z, folded["blocks.1.attn.W_O"]) + folded["blocks.1.attn.b_O"]
+    assert torch.allclose(out, cache["blocks.1.hook_attn_out"], atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:tlshim has no spec")
+def test_refactor_keeps_the_circuits_and_refuses_rotary():
+    model = tlshim.install(build_tiny("gpt2"))
+    params = model.get_params()
+    new = model.refactor_factored_attn_matrices(params)
+
+    def qk(p, l):
+        eff = lambda w, b: torch.cat([p[f"blocks.{l}.attn.{w}"], p[f"blocks.{l}.attn.{b}"][:, None]], 1)  # noqa: E731
+        return eff("W_Q", "b_Q") @ eff("W_K", "b_K").transpose(-2, -1)
+
+    for l in range(model.cfg.n_layers):
+        assert torch.allclose(qk(new, l), qk(params, l), atol=1e-4)
+        ov = lambda p: p[f"blocks.{l}.attn.W_V"] @ p[f"blocks.{l}.attn.W_O"]  # noqa: E731
+        assert torch.allclose(ov(new), ov(params), atol=1e-5)
+        W_O = new[f"blocks.{l}.attn.W_O"]
+        assert torch.allclose(W_O @ W_O.transpose(-2, -1), torch.eye(W_O.shape[1]).expand(W_O.shape[0], -1, -1), atol=1e-4)
+    with pytest.raises(ValueError, match="rotary"):
+        installed("llama").refactor_factored_attn_matrices({})
+
+
+def test_fill_missing_keys_and_loading_without_processing(tmp_path):
+    model, ids = installed("llama"), tokens()
+    own = {"blocks.0.attn.W_Q": torch.zeros(1)}
+    filled = model.fill_missing_keys(own)
+    assert filled.keys() == model.get_params().keys() and filled["blocks.0.attn.W_Q"] is own["blocks.0.attn.W_Q"]
+    build("llama").save_pretrained(tmp_path)
+    loaded = model.from_pretrained_no_processing(str(tmp_path), attn_implementation="eager")
+    assert "blocks.0.hook_resid_pre" in loaded.hook_dict
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -288,6 +288,91 @@ class HookedRootAPI:
         """An iterator of (TransformerLens name, weight)."""
         return iter(self.get_params().items())
 
+    # -- TransformerLens's weight processing, on a TL-named state dict (the model is left as it is) ----
+    # Each takes a dict such as get_params() gives, replaces entries with new tensors (never writing
+    # into the model's own) and returns it; from_pretrained_no_processing is the only way tlshim loads.
+
+    def fill_missing_keys(self, state_dict):
+        """``state_dict`` with every TransformerLens name it lacks filled in with this model's weight."""
+        return {**self.get_params(), **state_dict}
+
+    def fold_layer_norm(self, state_dict, fold_biases=True, center_weights=True):
+        """Fold each norm's weight (and bias, with ``fold_biases``) into the weights reading its output and
+        drop the norm's entries; ``center_weights`` makes those weights' d_model rows sum to zero (right only
+        after a LayerNorm, which centers; pass False for RMSNorm models, as in TransformerLens)."""
+        sd = dict(state_dict)
+        readers = [(f"blocks.{l}.{ln}", f"blocks.{l}.{part}", names) for l in range(self.cfg.n_layers)
+                   for ln, part, names in (("ln1", "attn", ("Q", "K", "V")), ("ln2", "mlp", ("in", "gate")))]
+        for norm, part, names in readers + [("ln_final", "unembed", ("U",))]:
+            w, b = sd.pop(f"{norm}.w", None), sd.pop(f"{norm}.b", None)
+            for n in names:
+                key, bias = f"{part}.W_{n}", f"{part}.b_{n}"
+                if key not in sd:
+                    continue
+                W = sd[key]  # (..., d_model, out): d_model is dim -2 for every reader
+                if fold_biases and b is not None:
+                    sd[bias] = sd.get(bias, 0) + (b[:, None] * W).sum(-2)
+                W = W if w is None else W * w[:, None]
+                sd[key] = W - W.mean(-2, keepdim=True) if center_weights else W
+        return sd
+
+    def center_writing_weights(self, state_dict):
+        """Subtract from each weight writing to the residual stream (W_E, W_pos, W_O, W_out and their
+        biases) its mean over d_model."""
+        sd = dict(state_dict)
+        writers = ["embed.W_E", "pos_embed.W_pos"] + [f"blocks.{l}.{n}" for l in range(self.cfg.n_layers)
+                                                      for n in ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out")]
+        for key in writers:
+            if key in sd:
+                sd[key] = sd[key] - sd[key].mean(-1, keepdim=True)
+        return sd
+
+    def center_unembed(self, state_dict):
+        """Subtract from W_U (and b_U) its mean over the vocabulary (softmax is unchanged)."""
+        sd = dict(state_dict)
+        for key in ("unembed.W_U", "unembed.b_U"):
+            if key in sd:
+                sd[key] = sd[key] - sd[key].mean(-1, keepdim=True)
+        return sd
+
+    def fold_value_biases(self, state_dict):
+        """Move b_V into b_O (sum over heads of b_V @ W_O; each pattern row sums to 1) and zero b_V."""
+        sd = dict(state_dict)
+        for l in range(self.cfg.n_layers):
+            b_V, W_O = sd.get(f"blocks.{l}.attn.b_V"), sd.get(f"blocks.{l}.attn.W_O")
+            if b_V is None or W_O is None:
+                continue
+            folded = (b_V[..., None] * W_O).sum((0, 1))
+            sd[f"blocks.{l}.attn.b_O"] = sd.get(f"blocks.{l}.attn.b_O", 0) + folded
+            sd[f"blocks.{l}.attn.b_V"] = torch.zeros_like(b_V)
+        return sd
+
+    def refactor_factored_attn_matrices(self, state_dict):
+        """Refactor each head's W_Q, W_K (with their biases) and W_V, W_O by the SVD of W_QK and W_OV:
+        W_Q = U S^1/2, W_K = V S^1/2 (biases as an extra input row), W_V = U S, W_O = V^T; b_V moves to b_O."""
+        if self.cfg.positional_embedding_type == "rotary":
+            raise ValueError("refactor_factored_attn_matrices: the QK circuit of a rotary model depends on the "
+                             "positions of query and key, so it has no single W_QK to refactor")
+        sd = self.fold_value_biases(state_dict)
+        for l in range(self.cfg.n_layers):
+            key = f"blocks.{l}.attn."
+            W_Q, W_K = sd[key + "W_Q"], sd[key + "W_K"]
+            b_Q = sd.get(key + "b_Q", torch.zeros(W_Q.shape[0], W_Q.shape[-1], dtype=W_Q.dtype))
+            b_K = sd.get(key + "b_K", torch.zeros(W_K.shape[0], W_K.shape[-1], dtype=W_K.dtype))
+            U, S, V = factored(torch.cat([W_Q, b_Q[:, None]], 1), torch.cat([W_K, b_K[:, None]], 1).transpose(-2, -1)).svd()
+            Q, K = U * S.sqrt()[:, None], V * S.sqrt()[:, None]
+            sd[key + "W_Q"], sd[key + "b_Q"], sd[key + "W_K"], sd[key + "b_K"] = Q[:, :-1], Q[:, -1], K[:, :-1], K[:, -1]
+            U, S, V = factored(sd[key + "W_V"], sd[key + "W_O"]).svd()
+            sd[key + "W_V"], sd[key + "W_O"] = U * S[:, None], V.transpose(-2, -1)
+        return sd
+
+    @staticmethod
+    def from_pretrained_no_processing(model_name, *model_args, **kwargs):
+        """``tlshim.from_pretrained``: HF loads the checkpoint, tlshim installs (weights are never processed)."""
+        from .loading import from_pretrained
+
+        return from_pretrained(model_name, *model_args, **kwargs)
+
     # -- the embedding entry ---------------------------------------------------------------------
 
     def _learned_pos(self):
