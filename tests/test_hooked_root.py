@@ -277,3 +277,14 @@ def test_fill_missing_keys_and_loading_without_processing(tmp_path):
     loaded = model.from_pretrained_no_processing(str(tmp_path), attn_implementation="eager")
     assert "blocks.0.hook_resid_pre" in loaded.hook_dict
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_boot_transformers_installs_a_given_model_or_loads_one(tmp_path):
+    ids = tokens()
+    given = build("llama")
+    booted = tlshim.install(build("qwen2")).boot_transformers("ignored", hf_model=given)
+    assert booted is given and "blocks.0.hook_resid_pre" in booted.hook_dict
+    build("llama").save_pretrained(tmp_path)
+    loaded = booted.boot_transformers(str(tmp_path), hf_config_overrides={"attn_implementation": "eager"}, dtype=torch.float64)
+    assert loaded.W_E.dtype == torch.float64 and "blocks.0.hook_resid_pre" in loaded.hook_dict
+    assert torch.allclose(loaded(ids).logits.float(), build("llama")(ids).logits, atol=1e-4)

@@ -373,6 +373,21 @@ class HookedRootAPI:
 
         return from_pretrained(model_name, *model_args, **kwargs)
 
+    @staticmethod
+    def boot_transformers(model_name, hf_config_overrides=None, device=None, dtype=torch.float32, tokenizer=None,
+                          hf_model=None, **from_pretrained_kwargs):
+        """A model with tlshim installed: ``hf_model`` as it is (installed in place), else ``model_name``
+        loaded by ``tlshim.from_pretrained`` (a local path or the HF cache; config fields from
+        ``hf_config_overrides``), moved to ``device`` and ``dtype``."""
+        if hf_model is None:
+            from .loading import from_pretrained
+
+            hf_model = from_pretrained(model_name, install=False, **(hf_config_overrides or {}), **from_pretrained_kwargs)
+            hf_model.to(device=device, dtype=dtype)
+        from .install import install
+
+        return install(hf_model, tokenizer=tokenizer)
+
     # -- the embedding entry ---------------------------------------------------------------------
 
     def _learned_pos(self):
