@@ -15,8 +15,8 @@ from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
 from .saes import SAEMixin
 from .tl_analysis import AnalysisAPI
-from .tl_hooked_root import HOOKS_LEVEL, HookedRootAPI
 from .tl_calls import TLCalls, outside_run, overrides, run
+from .tl_hooked_root import HOOKS_LEVEL, HookedRootAPI
 from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, switched_off
 
 
