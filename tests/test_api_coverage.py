@@ -29,7 +29,7 @@ def test_names_are_told_apart(result):
     cache = next(found for surface, found in result.items() if surface.startswith("ActivationCache"))
     assert bridge["run_with_cache"] == "tlshim" and bridge["W_Q"] == "tlshim" and bridge["blocks"] == "tlshim"
     assert bridge["generate"] == "HF"  # HF's own generate: the name is there with HF's meaning
-    assert bridge["boot_transformers"] is None
+    assert bridge["diffusion_generate"] is None  # a diffusion model's, not a causal LM's
     assert cache["logit_attrs"] == "tlshim"
     sae = next(found for surface, found in result.items() if surface.startswith("HookedSAETransformer"))
     assert {name for name, where in sae.items() if where is None} == set()

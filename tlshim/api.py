@@ -16,6 +16,7 @@ from .hook_points import Hook, add_scoped, remove_all
 from .saes import SAEMixin
 from .tl_analysis import AnalysisAPI
 from .tl_calls import TLCalls, outside_run, overrides, run
+from .tl_hooked_root import HOOKS_LEVEL, HookedRootAPI
 from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, switched_off
 
 
@@ -60,7 +61,7 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI(TLCalls, AnalysisAPI, SwitchAPI, SAEMixin):
+class ModelAPI(TLCalls, AnalysisAPI, HookedRootAPI, SwitchAPI, SAEMixin):
     #: set on the per-instance class itself, ahead of the HF base class (TL calls beside HF's)
     _tlshim_overrides = staticmethod(overrides)
 
@@ -163,9 +164,11 @@ class ModelAPI(TLCalls, AnalysisAPI, SwitchAPI, SAEMixin):
         entries = [(point, fn, dir) for dir, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks))
                    for name, fn in _hook_pairs(pairs, f"{dir}_hooks") for point in self._points(name)]
         added = add_scoped(entries)
+        level = HOOKS_LEVEL.set(HOOKS_LEVEL.get() + 1)
         try:
             yield self
         finally:
+            HOOKS_LEVEL.reset(level)
             if reset_hooks_end:
                 try:
                     remove_all(added)
