@@ -1,7 +1,6 @@
 """Post-norm-only blocks (OLMo2, OLMo3, EXAONE 4) and weight-free RMSNorms on the structural path:
 what each name holds (HOOKS.md "Families"), and edits equal to the same edits made by hand."""
 
-import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -146,11 +145,7 @@ def test_nemotrons_one_plus_w_layer_norm_is_found_and_an_edited_scale_flows_thro
     norm, x = model.model.layers[0].input_layernorm, torch.randn(2, 5, model.config.hidden_size)
     flow = SimpleNamespace(inputs={"norm": x}, outputs={"norm": norm(x)})
     assert _norm_kind(norm, flow, "norm") is tlshim.norms.OFFSET_LAYER
-    if not hasattr(importlib.import_module(type(model).__module__), "eager_attention_forward"):
-        with pytest.raises(tlshim.UnsupportedModelError, match="attention registry"):  # 4.x: its own attention code
-            tlshim.install(model)
-        return
-    tlshim.install(model)
+    tlshim.install(model)  # on 4.x through its own attention code (legacy_attention / inline_attention)
     assert model._tlshim.spec.norm is tlshim.norms.OFFSET_LAYER
     assert tlshim.verify(model, tokens()).ok
     doubled = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.1.ln1.hook_scale", lambda x, hook: 2 * x)], use_cache=False)
