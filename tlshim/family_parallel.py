@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .hook_points import HookPoint
-from .sites import MlpOutSite, NormSite, Site, fire_points
+from .sites import MlpOutSite, Site, fire_points
 from .spec import linear_params
 
 #: (fused qkv, o) names -> fn(n_heads, n_kv) -> (groups, ((role, heads of that role per group), ...))
@@ -50,14 +50,9 @@ def rotary_dim(config, d_head):
     return d_head
 
 
-def plan_ln2(plan, spec, ln1, rel, block):
-    """The MLP's norm of a parallel block: its own NormSite, or (shared) ln1's site firing ln2's points too."""
-    if spec.ln2 != spec.ln1:
-        ln2 = plan.site(rel(spec.ln2), NormSite, spec.norm, None)
-        ln2.scale_point = plan.point(f"{block}.ln2.hook_scale", ln2.module, "hook_scale", ln2)
-        ln2.out_points.append((plan.point(f"{block}.ln2.hook_normalized", ln2.module, "hook_normalized", ln2), None))
-        return ln2
-    # one module: its attributes stay ln1's points; ln2's are in hook_dict only
+def share_norm(plan, ln1, block):
+    """ln2 of a parallel block whose one norm feeds both attention and MLP: ln1's site fires ln2's points
+    too (the module's attributes stay ln1's points; ln2's are in hook_dict only)."""
     scale, normalized = (HookPoint(f"{block}.ln2.{name}", (ln1,)) for name in ("hook_scale", "hook_normalized"))
     plan.hook_dict[scale.name], plan.hook_dict[normalized.name] = scale, normalized
     ln1.scale_point = _Both(ln1.scale_point, scale)

@@ -167,7 +167,8 @@ def _plan_layer(plan: Plan, i: int):
         family_moe.plan_block(plan, spec.moe, base, block, spec.mlp, layer_site)
     mlp_out_site = plan.site(rel(spec.mlp_out), parallel.CopyOutSite if spec.parallel else MlpOutSite, layer_site)
     if spec.parallel:
-        aliases["ln2"] = parallel.plan_ln2(plan, spec, ln1, rel, block).module
+        shared = spec.ln2 == spec.ln1
+        aliases["ln2"] = (parallel.share_norm(plan, ln1, block) if shared else _plan_norm(plan, rel(spec.ln2), f"{block}.ln2")).module
     else:
         # resid_mid fires at the pre-MLP norm's input, or at the MLP's own in a post-norm-only block
         if spec.ln2:
