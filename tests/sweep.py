@@ -27,6 +27,7 @@ import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import tlshim
+from tlshim.attention_output import z_reader
 from tlshim.errors import UnsupportedModelError
 from tlshim.spec import get_path
 
@@ -82,7 +83,7 @@ def _failures(model, twin, ids, native):
         failures += [f"{f.name}: {f.check} {f.detail}".strip() for f in report.failures]
         spec, d_head = model._tlshim.spec, model.cfg.d_head
         zeroed = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", _zero_head0)], use_cache=False)
-        o_proj = get_path(twin, f"{spec.layers}.0.{spec.attn}.{spec.o_proj}")
+        o_proj = get_path(twin, f"{spec.layers}.0.{spec.attn}.{z_reader(spec)}")  # o_proj, or a gated model's sub-norm
         handle = o_proj.register_forward_pre_hook(lambda m, args: (_zero_columns(args[0], d_head),))
         try:
             by_hand = twin(input_ids=ids, use_cache=False).logits

@@ -150,6 +150,10 @@ class AttnSite(Site):
             self._causal_masks = {key: mask}
         return mask
 
+    def kernel_output(self, result):
+        """The kernel's (output, weights), as the model gets them (attention_output.py fires hook_z there)."""
+        return result
+
     @staticmethod
     def fire_heads(point, states):
         """Fire a (batch, heads, pos, d_head) tensor as (batch, pos, heads, d_head)."""
@@ -225,10 +229,12 @@ def tlshim_attention(module, query, key, value, attention_mask, scaling=None, dr
     if site.rot_k is not None and site.rot_k.active and not call.rot_k_done:
         key = site.fire_heads(site.rot_k, key)
     if not (site.scores.active or site.pattern.active):
-        return call.native_kernel(
+        result = call.native_kernel(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    return eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    else:
+        result = eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return site.kernel_output(result)
 
 
 def eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs):

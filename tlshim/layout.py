@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from . import family_moe
+from . import attention_output, family_moe
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -156,7 +156,10 @@ def _plan_layer(plan: Plan, i: int):
 
     o_path = rel(f"{spec.attn}.{spec.o_proj}")
     o_site = plan.site(o_path, OutProjSite, None, n_heads, _OutWeights(spec, attn))
-    o_site.in_points.append((plan.point(f"{block}.attn.hook_z", attn, "hook_z", o_site), n_heads))
+    if spec.attn_output:  # hook_z at the kernel; the gate and sub-norms have their own hooks
+        attention_output.plan_block(plan, rel, block, attn, attn_site, n_heads, _plan_norm)
+    else:
+        o_site.in_points.append((plan.point(f"{block}.attn.hook_z", attn, "hook_z", o_site), n_heads))
     o_site.result_point = plan.point(f"{block}.attn.hook_result", attn, "hook_result", o_site)
 
     attn_out_site = plan.site(rel(spec.attn_out))
@@ -184,7 +187,7 @@ def _plan_layer(plan: Plan, i: int):
         mlp_names = (("gate", "hook_pre"), ("up", "hook_pre_linear")) if spec.gate_proj else (("up", "hook_pre"),)
         mlp_points = [(attr, _join(spec.mlp, getattr(spec, role + "_proj")), None) for role, attr in mlp_names]
         _plan_projections(plan, mlp_points, base, block, mlp, "mlp")
-        down = plan.site(rel(_join(spec.mlp, spec.down_proj)))
+        down = plan.site(rel(_join(spec.mlp, attention_output.post_reader(spec))))
         down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))

@@ -160,6 +160,8 @@ class ArchSpec:
     tl_config: object = llama_family_cfg
     #: the mixture-of-experts layout of the blocks that have one (family_moe.MoeSpec), else None
     moe: object = None
+    #: a gate or a sub-norm between the attention kernel and o_proj (attention_output.AttnOutput), else None
+    attn_output: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
 

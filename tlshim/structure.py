@@ -21,7 +21,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import family_abs, family_moe, inline_attention, norms
+from . import attention_output, family_abs, family_moe, inline_attention, norms
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -57,11 +57,9 @@ CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 #: modules or parameters of the attention module, then of the MLP, that change what their hooks would
 #: hold, so the structural path refuses them (name: what it is); a family that serves one drops it here
 UNSERVED_ATTENTION = {
-    "attn_sub_norm": "a norm between the attention kernel and o_proj (BitNet), so hook_z is not pattern @ v",
     "lambda_q1": "differential attention (two softmax maps subtracted, then a group norm: DiffLlama)",
-    "gate_proj": "an output gate on the attention output before o_proj, so hook_z is not pattern @ v",
 }
-UNSERVED_MLP = {"ffn_sub_norm": "a norm between the MLP activation and down_proj (BitNet), so hook_post is not what down_proj reads"}
+UNSERVED_MLP: dict = {}
 #: the norm kinds a probed norm is matched against, in order
 NORM_KINDS = (norms.RMS, norms.OFFSET_RMS, norms.LAYER, norms.BARE_RMS, norms.OFFSET_LAYER)
 
@@ -95,6 +93,9 @@ def derive_spec(model) -> ArchSpec:
     own_scores = not roles.get("parallel") and bool(entry.get("pos_embed") or family_abs.uses_alibi(attn))
     attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
     first_norm = roles["ln1"] or roles["ln1_post"]
+    between = attention_output.detect(attn, mlp)
+    if between:
+        attn_site = _between_kernel_and_o_proj(between, attn_site, flow, layer, attn_name, mlp_name, first_norm, f"{layers_path}.0.{attn_name}")
     if moe is not None and (roles.get("parallel") or not roles["ln1"]):
         kind = "parallel" if roles.get("parallel") else "post-norm-only"
         raise UnsupportedModelError(f"{type(layer).__name__} at {layers_path}.0: a mixture of experts in a {kind} block is not served yet")
@@ -153,6 +154,7 @@ def derive_spec(model) -> ArchSpec:
         attn_site=attn_site,
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
         moe=moe,
+        attn_output=between,
     )
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
     sizes["use_attn_scale"] = family_abs.scales_scores(attn)
@@ -357,6 +359,22 @@ def _attention_site(model, layer, attn, where, projections, own_scores):
         f"{type(attn).__name__} at {where} neither goes through transformers' attention registry nor computes "
         "softmax(q @ k^T) or sdpa itself, so hook_rot_q / hook_attn_scores cannot be served"
     )
+
+
+def _between_kernel_and_o_proj(between, attn_site, flow, layer, attn_name, mlp_name, first_norm, where):
+    """The site of an attention with a gate or sub-norm before o_proj (attention_output.py): hook_z
+    fires at the kernel, so the attention must go through the registry; sub-norms of the blocks' kind."""
+    if not attention_output.serves(attn_site):
+        raise UnsupportedModelError(
+            f"{type(get_path(layer, attn_name)).__name__} at {where} gates or normalises its kernel output before o_proj "
+            "but does not go through transformers' attention registry, so hook_z (the kernel output) cannot be served"
+        )
+    kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
+    for owner, name in ((attn_name, between.sub_norm), (mlp_name, between.mlp_sub_norm)):
+        path = f"{owner}.{name}" if owner else name
+        if name and _norm_kind(get_path(layer, path), flow, path) is not kind:
+            raise UnsupportedModelError(f"{where}: the sub-norm {path} is of another kind than the blocks' norms")
+    return attention_output.GatedAttnSite
 
 
 def _refuse_unserved(module, table, where):

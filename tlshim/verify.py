@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import attention_output
 from .attention import sink_softmax
 from .spec import get_path
 from .tl_switches import all_switched_on
@@ -132,11 +133,12 @@ def _verify(model, input_ids):
         same(f"{b}.attn.hook_z", "= pattern @ v", cache[f"{b}.attn.hook_z"], z, exact=False)
         attn = block.attn
         _check_qk_norms(same, cache, b, attn, model._tlshim.spec)
-        o_out = F.linear(cache[f"{b}.attn.hook_z"].flatten(-2), attn.W_O.flatten(0, 1).T, attn.b_O)
+        attention_output.check(cache, b, same)
+        o_out = F.linear(attention_output.o_proj_input(cache, b, block), attn.W_O.flatten(0, 1).T, attn.b_O)
         post = getattr(block, "ln1_post", None)
         with torch.no_grad():
             want = post(o_out) if post is not None else o_out
-        same(f"{b}.hook_attn_out", "= hook_z @ W_O + b_O (then the post-attention norm)", cache[f"{b}.hook_attn_out"], want, exact=False)
+        same(f"{b}.hook_attn_out", "= hook_z (gated, sub-normed) @ W_O + b_O (then the post-attention norm)", cache[f"{b}.hook_attn_out"], want, exact=False)
     _check_moe(model, cache, same, add)
     with torch.no_grad():
         final = model.ln_final(cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
@@ -212,6 +214,9 @@ def _shape(cfg, name, batch, pos):
         "attn.hook_rot_q": (batch, pos, h, e), "attn.hook_rot_k": (batch, pos, g, e),
         "attn.hook_attn_scores": (batch, h, pos, pos), "attn.hook_pattern": (batch, h, pos, pos),
         "attn.hook_z": (batch, pos, h, e), "attn.hook_result": (batch, pos, h, d),
+        "attn.hook_gate": (batch, pos, h, e), "attn.hook_z_gated": (batch, pos, h, e),
+        "attn.ln_sub.hook_scale": (batch, pos, 1), "attn.ln_sub.hook_normalized": (batch, pos, h * e),
+        "mlp.ln_sub.hook_scale": (batch, pos, 1), "mlp.ln_sub.hook_normalized": (batch, pos, m),
         "hook_attn_in": (batch, pos, h, d), "hook_q_input": (batch, pos, h, d),
         "hook_k_input": (batch, pos, g, d), "hook_v_input": (batch, pos, g, d),
         "mlp.hook_router_logits": (batch, pos, getattr(cfg, "num_experts", None)),

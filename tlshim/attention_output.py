@@ -1,0 +1,181 @@
+"""What an attention does between its kernel and o_proj: an output gate, a sub-norm, or both
+(BitNet's attn_sub_norm; Beam's and Laguna's gates, computed from the block input).
+
+The names keep HOOKS.md's meanings: hook_z is the kernel output, pattern @ v, fired as the kernel
+returns it (tlshim's attention function, so only registry attentions are served). Then:
+- attn.hook_gate (b p h e): the gate as it multiplies hook_z (broadcast over d_head where the
+  model gates per head), caught at that multiplication;
+- attn.hook_z_gated (b p h e): hook_z * hook_gate, the input of the sub-norm or of o_proj;
+- attn.ln_sub.hook_scale / hook_normalized: the sub-norm, as ln1's hooks are for ln1.
+attn_out = (ln_sub output, else hook_z_gated, flattened) @ W_O + b_O; hook_result splits what o_proj
+reads. A sub-norm before down_proj (BitNet's ffn_sub_norm): hook_post is that norm's input
+(act(gate) * up) and mlp.ln_sub fires its hooks; mlp_out = ln_sub output @ W_out.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttnSite
+
+#: attention children (modules or parameters) of an output gate computed from the block input
+GATES = ("gate_proj", "g_proj")
+#: attention children that normalise the kernel output before o_proj, then MLP children that do the
+#: same before down_proj
+SUB_NORMS = ("attn_sub_norm",)
+MLP_SUB_NORMS = ("ffn_sub_norm",)
+#: the multiplication of the kernel output by the gate, as the model may call it
+_MUL = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul_, torch.Tensor.__imul__)
+#: {GatedAttnSite: _GateCall} of the gated attention forwards running in this thread / task
+_CALLS: contextvars.ContextVar = contextvars.ContextVar("tlshim_gate_calls", default={})
+
+
+@dataclass(frozen=True)
+class AttnOutput:
+    """What an ArchSpec's attention (and MLP) does between kernel and output projection."""
+
+    gate: bool = False
+    sub_norm: str | None = None  # attention child path
+    mlp_sub_norm: str | None = None  # MLP child path
+
+
+def detect(attn, mlp):
+    """The AttnOutput of an attention / MLP pair, from the GATES and SUB_NORMS tables; None if plain."""
+    found = AttnOutput(
+        gate=any(_has(attn, name) for name in GATES),
+        sub_norm=next((name for name in SUB_NORMS if _has(attn, name)), None),
+        mlp_sub_norm=next((name for name in MLP_SUB_NORMS if _has(mlp, name)), None),
+    )
+    return found if found != AttnOutput() else None
+
+
+def _has(module, name):
+    return name in module._modules or name in module._parameters
+
+
+def z_reader(spec) -> str:
+    """The attention child whose input is hook_z (gated): the sub-norm, else o_proj."""
+    out = spec.attn_output
+    return (out and out.sub_norm) or spec.o_proj
+
+
+def post_reader(spec) -> str:
+    """The MLP child whose input is hook_post: the MLP sub-norm, else down_proj."""
+    out = spec.attn_output
+    return (out and out.mlp_sub_norm) or spec.down_proj
+
+
+def plan_block(plan, rel, block, attn, attn_site, n_heads, plan_norm):
+    """hook_z at the kernel, hook_gate / hook_z_gated and the sub-norms' hooks of one block."""
+    spec, out = plan.spec, plan.spec.attn_output
+    attn_site.z = plan.point(f"{block}.attn.hook_z", attn, "hook_z", attn_site)
+    if out.sub_norm:
+        norm = plan_norm(plan, rel(f"{spec.attn}.{out.sub_norm}"), f"{block}.attn.ln_sub")
+        plan.alias(attn, "ln_sub", norm.module, f"{block}.attn")
+    if out.gate:
+        attn_site.gate = plan.point(f"{block}.attn.hook_gate", attn, "hook_gate", attn_site)
+        reader = plan.site(rel(f"{spec.attn}.{z_reader(spec)}"))
+        reader.in_points.append((plan.point(f"{block}.attn.hook_z_gated", attn, "hook_z_gated", reader), n_heads))
+    if out.mlp_sub_norm:
+        mlp = plan.module(rel(spec.mlp))
+        norm = plan_norm(plan, rel(f"{spec.mlp}.{out.mlp_sub_norm}"), f"{block}.mlp.ln_sub")
+        plan.alias(mlp, "ln_sub", norm.module, f"{block}.mlp")
+
+
+class _GateCall:
+    __slots__ = ("z",)
+
+    def __init__(self):
+        self.z = None
+
+
+class GatedAttnSite(AttnSite):
+    """A registry attention whose kernel output is gated and / or normalised before o_proj: hook_z
+    fires as the kernel returns, hook_gate at the multiplication of that output."""
+
+    z = gate = None
+
+    def kernel_needed(self) -> bool:
+        return super().kernel_needed() or self.z.active or (self.gate is not None and self.gate.active)
+
+    def call(self, wrapped, args, kwargs):
+        if not self.kernel_needed():
+            return wrapped(*args, **kwargs)
+        token = _CALLS.set({**_CALLS.get(), self: _GateCall()})
+        try:
+            if self.gate is None or not self.gate.active:
+                return super().call(wrapped, args, kwargs)
+            with _GateMul(self):
+                return super().call(wrapped, args, kwargs)
+        finally:
+            _CALLS.reset(token)
+
+    def kernel_output(self, result):
+        """Fire hook_z on the kernel's (b p h e) output and remember it for the gate."""
+        out = result[0]
+        edited = self.z.fire(out) if self.z.active else out
+        call = _CALLS.get().get(self)
+        if call is not None:
+            call.z = edited
+        return result if edited is out else (edited, *result[1:])
+
+    def fire_gate(self, gate, z):
+        """hook_gate on the gate as it multiplies ``z`` (broadcast to b p h e); the gate to use."""
+        full = gate.expand(torch.broadcast_shapes(gate.shape, z.shape))
+        heads = full.reshape(*full.shape[:2], self.head_counts[0], -1)
+        edited = self.gate.fire(heads)
+        return gate if edited is heads else edited.reshape(full.shape)
+
+
+class _GateMul(torch.overrides.TorchFunctionMode):
+    """Inside one gated attention forward: the first product of the kernel output (or a view of it)
+    with another tensor is the gate multiplication; hook_gate fires on that other factor."""
+
+    def __init__(self, site):
+        super().__init__()
+        self.site = site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        call = _CALLS.get().get(self.site)
+        if func in _MUL and call is not None and call.z is not None and len(args) == 2:
+            for i in (0, 1):
+                z, gate = args[i], args[1 - i]
+                if _views(z, call.z) and isinstance(gate, torch.Tensor):
+                    call.z = None  # one gate per forward
+                    gate = self.site.fire_gate(gate, z)
+                    args = (z, gate) if i == 0 else (gate, z)
+                    break
+        return func(*args, **kwargs)
+
+
+def _views(tensor, z) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.numel() == z.numel() and tensor.data_ptr() == z.data_ptr()
+
+
+def o_proj_input(cache, b, block):
+    """What o_proj read on a cached forward, from the cached names: ln_sub of the gated values (or
+    of hook_z), else the gated values, else hook_z; flattened over heads."""
+    gated = f"{b}.attn.hook_z_gated"
+    z = cache[gated if gated in cache else f"{b}.attn.hook_z"].flatten(-2)
+    norm = getattr(block.attn, "ln_sub", None)
+    if norm is None:
+        return z
+    with torch.no_grad():
+        return norm(z)
+
+
+def check(cache, b, same):
+    """HOOKS.md for a gated attention: hook_z_gated = hook_z * hook_gate (bit for bit)."""
+    if f"{b}.attn.hook_z_gated" in cache:
+        gated = cache[f"{b}.attn.hook_z"] * cache[f"{b}.attn.hook_gate"]
+        same(f"{b}.attn.hook_z_gated", "= hook_z * hook_gate", cache[f"{b}.attn.hook_z_gated"], gated)
+
+
+def serves(site_class) -> bool:
+    """Whether tlshim can fire hook_z at the kernel of an attention served by ``site_class``."""
+    return issubclass(site_class, AttnSite) and site_class.routes_config
+
