@@ -1,6 +1,8 @@
 """Gates and sub-norms between the attention kernel and o_proj (attention_output.py): Laguna's
-softplus output gate (per head or per element), BitNet's attn_sub_norm and ffn_sub_norm. Each name
-against a hand-built reference; edits against the same edit made by hand on a plain twin."""
+softplus output gate (per head or per element), Qwen3-Next's sigmoid gate out of q_proj (its
+full-attention layers, built here as a plain model), BitNet's attn_sub_norm and ffn_sub_norm; and
+Moshi's wrapped projections and fused fc1. Each name against a hand-built reference; edits against
+the same edit made by hand on a plain twin."""
 
 from __future__ import annotations
 
@@ -16,8 +18,13 @@ from transformers import CONFIG_MAPPING, AttentionInterface
 
 import tlshim
 
+#: Qwen3-Next's gated attention in every layer (the hybrid's linear-attention layers are another family)
+FULL = {"layer_types": ["full_attention"] * 2}
 #: (model_type, config fields): every layout of the family
-CASES = [("laguna", {}), ("laguna", {"gating": "per-element"}), ("bitnet", {})]
+CASES = [
+    ("laguna", {}), ("laguna", {"gating": "per-element"}), ("bitnet", {}), ("moshi", {}),
+    ("qwen3_next", FULL), ("qwen3_5_text", FULL), ("qwen3_5_moe_text", FULL),
+]  # fmt: skip
 
 
 def _present(model_type):
@@ -79,7 +86,7 @@ def test_the_sweep_check_passes(model_type, fields):
     assert tlshim.verify(model, tokens()).ok
 
 
-@pytest.mark.parametrize("model_type, fields", CASES, ids=[f"{t}-{f}" for t, f in CASES])
+@pytest.mark.parametrize("model_type, fields", [case for case in CASES if case[0] != "moshi"], ids=str)
 def test_an_edit_of_hook_z_is_an_edit_of_the_kernel_output(model_type, fields):
     """hook_z is pattern @ v as the kernel returns it, before the gate and the sub-norm."""
     model, twin = _pair(model_type, fields, twin_attn="tlshim_test_edit_head0")
@@ -152,3 +159,50 @@ def test_bitnet_an_edit_of_hook_post_is_an_edit_of_the_ffn_sub_norm_input():
     model, twin = _pair("bitnet")
     edited = _logits(model, fwd_hooks=[("blocks.0.mlp.hook_post", lambda x, hook: x * 3)])
     assert torch.equal(edited, _by_hand(twin, twin.model.layers[0].mlp.ffn_sub_norm, lambda m, args: (args[0] * 3,)))
+
+
+def test_qwen3_next_q_proj_gives_each_head_its_query_then_its_gate():
+    model, twin = _pair("qwen3_next", FULL)
+    attn, d_head = model.model.layers[1].self_attn, model.cfg.d_head
+    assert (model.cfg.n_heads, model.blocks[1].attn.W_Q.shape) == (4, (4, 64, d_head))
+    _, cache = model.run_with_cache(tokens(), use_cache=False)
+    with torch.no_grad():
+        out = attn.q_proj(model.model.layers[1].input_layernorm(cache["blocks.1.hook_resid_pre"]))
+    query, gate = out.view(2, 12, 4, 2, d_head).unbind(-2)
+    assert torch.equal(cache["blocks.1.attn.hook_q"], query)
+    with torch.no_grad():  # W_Q: each head's query rows
+        x = model.model.layers[1].input_layernorm(cache["blocks.1.hook_resid_pre"])
+        torch.testing.assert_close(cache["blocks.1.attn.hook_q"], torch.einsum("bpd,hde->bphe", x, model.blocks[1].attn.W_Q))
+    gate = torch.sigmoid(gate.reshape(2, 12, -1)).view_as(gate)  # as the model takes it: contiguous
+    assert torch.equal(cache["blocks.1.attn.hook_gate"], gate)
+    assert torch.equal(cache["blocks.1.attn.hook_z_gated"], cache["blocks.1.attn.hook_z"] * gate)
+
+
+def test_qwen3_next_an_edit_of_hook_q_changes_only_the_query_slots_of_q_proj():
+    model, twin = _pair("qwen3_next", FULL)
+    d_head = model.cfg.d_head
+
+    def by_hand(module, args, out):
+        out = out.clone()
+        out.view(*out.shape[:-1], 4, 2, d_head)[..., 0, 0, :] *= 3  # head 0's query, not its gate
+        return out
+
+    edited = _logits(model, fwd_hooks=[("blocks.0.attn.hook_q", lambda q, hook: torch.cat([q[:, :, :1] * 3, q[:, :, 1:]], dim=2))])
+    handle = twin.model.layers[0].self_attn.q_proj.register_forward_hook(by_hand)
+    try:
+        assert torch.equal(edited, _logits(twin))
+    finally:
+        handle.remove()
+
+
+def test_moshi_fc1_is_the_gate_half_then_the_up_half():
+    model, _ = _pair("moshi")
+    mlp = model.model.layers[0].mlp
+    assert model.blocks[0].attn.W_Q.shape[0] == model.cfg.n_heads  # q_proj.linear inside Moshi's wrapper
+    _, cache = model.run_with_cache(tokens(), use_cache=False)
+    with torch.no_grad():
+        gate, up = mlp.fc1(model.model.layers[0].post_attention_layernorm(cache["blocks.0.hook_resid_mid"])).chunk(2, dim=-1)
+    assert torch.equal(cache["blocks.0.mlp.hook_pre"], gate)
+    assert torch.equal(cache["blocks.0.mlp.hook_pre_linear"], up)
+    assert torch.equal(cache["blocks.0.mlp.hook_post"], mlp.activation_fn(gate) * up)
+    torch.testing.assert_close(model.blocks[0].mlp.W_gate, mlp.fc1.weight[: mlp.fc2.in_features].T)

@@ -157,7 +157,6 @@ def test_nemotrons_one_plus_w_layer_norm_is_found_and_an_edited_scale_flows_thro
 @pytest.mark.parametrize(
     ("model_type", "reason"),
     [
-        ("bitnet", "a norm between the attention kernel and o_proj"),
         ("diffllama", "differential attention"),
         ("hrm_text", "more than one stack"),
     ],

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttnSite
+from .sites import Site, fire_points
+from .spec import get_path, is_conv1d, linear_params, out_width
 
 #: attention children (modules or parameters) of an output gate computed from the block input
 GATES = ("gate_proj", "g_proj")
@@ -38,18 +40,63 @@ class AttnOutput:
     """What an ArchSpec's attention (and MLP) does between kernel and output projection."""
 
     gate: bool = False
+    query_gate: bool = False  # the gate comes out of q_proj, after each head's query (Qwen3-Next)
     sub_norm: str | None = None  # attention child path
     mlp_sub_norm: str | None = None  # MLP child path
 
 
-def detect(attn, mlp):
-    """The AttnOutput of an attention / MLP pair, from the GATES and SUB_NORMS tables; None if plain."""
+def detect(attn, mlp, q, o):
+    """The AttnOutput of an attention / MLP pair (q, o: its projection names), from the GATES and
+    SUB_NORMS tables and the projections' widths; None if plain."""
+    query_gate = q != "" and gives_gate(get_path(attn, q), get_path(attn, o))
     found = AttnOutput(
-        gate=any(_has(attn, name) for name in GATES),
+        gate=query_gate or any(_has(attn, name) for name in GATES),
+        query_gate=query_gate,
         sub_norm=next((name for name in SUB_NORMS if _has(attn, name)), None),
         mlp_sub_norm=next((name for name in MLP_SUB_NORMS if _has(mlp, name)), None),
     )
     return found if found != AttnOutput() else None
+
+
+def gives_gate(q_proj, o_proj) -> bool:
+    """Whether the query projection gives twice what o_proj reads: a gate per head after each head's
+    query (checked on the probe by structure.py)."""
+    o_in = o_proj.weight.shape[0] if is_conv1d(o_proj) else o_proj.in_features
+    return out_width(q_proj) == 2 * o_in
+
+
+def query_params(spec, attn, role):
+    """(weight, bias) of q: each head's query rows of a q_proj that also gives the gate; k, v, o as they are."""
+    weight, bias = linear_params(spec, attn, role)
+    if role != "q":
+        return weight, bias
+    n_heads = spec.head_counts(attn, getattr(attn, "config", None))[0]
+
+    def query(t):
+        return None if t is None else t.view(n_heads, 2, -1, *t.shape[1:])[:, 0].flatten(0, 1)
+
+    return query(weight), query(bias)
+
+
+def plan_query(plan, rel):
+    """Before hook_q is planned: q_proj's site, where it also gives the gate."""
+    spec = plan.spec
+    if spec.attn_output and spec.attn_output.query_gate:
+        plan.site(rel(f"{spec.attn}.{spec.q_proj}"), QueryGateSite)
+
+
+class QueryGateSite(Site):
+    """A q_proj whose output is, per head, the query then the gate (Qwen3-Next): hook_q fires on the
+    queries (b p h e); an edit is put back into their slots."""
+
+    def on_output(self, y):
+        ((point, n_heads),) = self.out_points
+        halves = y.view(*y.shape[:-1], n_heads, 2, -1)
+        query = halves[..., 0, :]
+        fired = fire_points([(point, None)], query)
+        if fired is query:
+            return y
+        return torch.stack([fired, halves[..., 1, :]], dim=-2).reshape(y.shape)
 
 
 def _has(module, name):

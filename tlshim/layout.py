@@ -137,6 +137,7 @@ def _plan_layer(plan: Plan, i: int):
         aliases["ln1"] = ln1.module
 
     qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
+    attention_output.plan_query(plan, rel)  # a q_proj that also gives the gate (Qwen3-Next)
     _plan_projections(plan, qkv, base, block, attn, "attn")
     for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")

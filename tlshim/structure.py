@@ -40,6 +40,7 @@ PROJECTIONS = (
     ("wq", "wk", "wv", "wo"),
     ("q_proj", "k_proj", "v_proj", "dense"),
     ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj"),  # GPT-Neo's wrapper
+    ("q_proj.linear", "k_proj.linear", "v_proj.linear", "o_proj.linear"),  # Moshi's wrapper
 )
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT, GPT-2's c_attn)
 #: (then those whose heads come in groups: family_parallel.GROUPED_QKV, GPT-NeoX's, BLOOM's, Falcon's)
@@ -93,9 +94,10 @@ def derive_spec(model) -> ArchSpec:
     own_scores = not roles.get("parallel") and bool(entry.get("pos_embed") or family_abs.uses_alibi(attn))
     attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
     first_norm = roles["ln1"] or roles["ln1_post"]
-    between = attention_output.detect(attn, mlp)
+    between = attention_output.detect(attn, mlp, "" if q == k else q, o)
     if between:
-        attn_site = _between_kernel_and_o_proj(between, attn_site, flow, layer, attn_name, mlp_name, first_norm, f"{layers_path}.0.{attn_name}")
+        where = f"{layers_path}.0.{attn_name}"
+        attn_site = _between_kernel_and_o_proj(between, attn_site, flow, layer, (attn_name, mlp_name, first_norm, q, qk_norm[0]), where, model.config)
     if moe is not None and (roles.get("parallel") or not roles["ln1"]):
         kind = "parallel" if roles.get("parallel") else "post-norm-only"
         raise UnsupportedModelError(f"{type(layer).__name__} at {layers_path}.0: a mixture of experts in a {kind} block is not served yet")
@@ -148,7 +150,7 @@ def derive_spec(model) -> ArchSpec:
         head_counts=functools.partial(_same_counts, structural_head_counts(attn, model.config)),
         parallel=roles.get("parallel", False),
         qkv_groups=grouped,
-        linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else linear_params,
+        linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else _separate_params(between),
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
         attn_site=attn_site,
@@ -180,7 +182,9 @@ def structural_head_counts(attn, config):
     d_head = _head_dim(attn, config)
     separate = _names(attn, PROJECTIONS, None, None)
     if separate:
-        return out_width(get_path(attn, separate[0])) // d_head, out_width(get_path(attn, separate[1])) // d_head, d_head
+        q, k, _, o = (get_path(attn, name) for name in separate)
+        n_heads = out_width(q) // d_head // (2 if attention_output.gives_gate(q, o) else 1)
+        return n_heads, out_width(k) // d_head, d_head
     fused = out_width(getattr(attn, _names(attn, FUSED_QKV, None, None)[0])) // d_head
     n_heads = getattr(config, "num_attention_heads", None) or getattr(attn, "num_heads", None) or attn.n_heads
     return n_heads, (fused - n_heads) // 2, d_head
@@ -304,6 +308,9 @@ def _mlp_projections(mlp, where):
         return fused[0], fused[0], fused[1]
     plain = _names(mlp, PLAIN, None, None)
     if plain:
+        up, down = (get_path(mlp, name) for name in plain)
+        if 2 * (down.weight.shape[0] if is_conv1d(down) else down.in_features) == out_width(up):
+            return plain[0], plain[0], plain[1]  # down reads half of up: the gate half, then the up half (Moshi)
         return None, *plain
     raise UnsupportedModelError(
         f"no MLP projections found in {type(mlp).__name__} at {where} (looked for {GATED}, {FUSED_GATE_UP} and "
@@ -361,20 +368,32 @@ def _attention_site(model, layer, attn, where, projections, own_scores):
     )
 
 
-def _between_kernel_and_o_proj(between, attn_site, flow, layer, attn_name, mlp_name, first_norm, where):
+def _between_kernel_and_o_proj(between, attn_site, flow, layer, names, where, config):
     """The site of an attention with a gate or sub-norm before o_proj (attention_output.py): hook_z
-    fires at the kernel, so the attention must go through the registry; sub-norms of the blocks' kind."""
+    fires at the kernel, so the attention must go through the registry; sub-norms of the blocks' kind;
+    a gate out of q_proj only where the probe shows each head's query, then its gate (the q norm reads
+    the first half of each head's slice)."""
+    attn_name, mlp_name, first_norm, q, q_norm = names
     if not attention_output.serves(attn_site):
         raise UnsupportedModelError(
             f"{type(get_path(layer, attn_name)).__name__} at {where} gates or normalises its kernel output before o_proj "
             "but does not go through transformers' attention registry, so hook_z (the kernel output) cannot be served"
         )
+    if between.query_gate:
+        out, n_heads = flow.outputs[f"{attn_name}.{q}"], structural_head_counts(get_path(layer, attn_name), config)[0]
+        queries = out.view(*out.shape[:-1], n_heads, 2, -1)[..., 0, :]
+        if not q_norm or not _same(flow.inputs.get(f"{attn_name}.{q_norm}"), queries):
+            raise UnsupportedModelError(f"{where}: {q} gives twice the heads o_proj reads, but not each head's query, then its gate")
     kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
     for owner, name in ((attn_name, between.sub_norm), (mlp_name, between.mlp_sub_norm)):
         path = f"{owner}.{name}" if owner else name
         if name and _norm_kind(get_path(layer, path), flow, path) is not kind:
             raise UnsupportedModelError(f"{where}: the sub-norm {path} is of another kind than the blocks' norms")
     return attention_output.GatedAttnSite
+
+
+def _separate_params(between):
+    return attention_output.query_params if between and between.query_gate else linear_params
 
 
 def _refuse_unserved(module, table, where):
