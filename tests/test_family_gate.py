@@ -206,3 +206,30 @@ def test_moshi_fc1_is_the_gate_half_then_the_up_half():
     assert torch.equal(cache["blocks.0.mlp.hook_pre_linear"], up)
     assert torch.equal(cache["blocks.0.mlp.hook_post"], mlp.activation_fn(gate) * up)
     torch.testing.assert_close(model.blocks[0].mlp.W_gate, mlp.fc1.weight[: mlp.fc2.in_features].T)
+
+
+@pytest.mark.parametrize("model_type, fields", [("laguna", {}), ("qwen3_next", FULL), ("bitnet", {})], ids=str)
+def test_under_sdpa_hook_z_is_the_kernel_output_and_hook_gate_is_caught(model_type, fields):
+    _present(model_type)
+    model = build(model_type, attn_implementation="sdpa", **fields)
+    eager, _ = _pair(model_type, fields)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tlshim.install(model)
+    _, cache = model.run_with_cache(tokens(), use_cache=False)
+    _, want = eager.run_with_cache(tokens(), use_cache=False)
+    for name in [n for n in want if n.startswith("blocks.0.attn.hook_")]:
+        torch.testing.assert_close(cache[name], want[name], rtol=1e-4, atol=1e-5)
+    if "blocks.0.attn.hook_gate" in cache:
+        assert torch.equal(cache["blocks.0.attn.hook_z_gated"], cache["blocks.0.attn.hook_z"] * cache["blocks.0.attn.hook_gate"])
+
+
+def test_a_gate_on_an_attention_outside_the_registry_is_refused_with_the_reason():
+    _present("laguna")
+    model = build("laguna")
+    for layer in model.model.layers:  # the same forward, from a module without the registry
+        attn = layer.self_attn
+        attn.__class__ = type("LagunaAttention", (type(attn),), {"__module__": __name__})
+    with pytest.raises(tlshim.UnsupportedModelError, match="gates or normalises its kernel output before o_proj"):
+        tlshim.install(model)
+    assert not tlshim.is_installed(model)
