@@ -1,5 +1,5 @@
 """What an attention does between its kernel and o_proj: an output gate, a sub-norm, or both
-(BitNet's attn_sub_norm; Beam's and Laguna's gates, computed from the block input).
+(BitNet's attn_sub_norm; Laguna's and Qwen3-Next's gates, computed from the block input).
 
 The names keep HOOKS.md's meanings: hook_z is the kernel output, pattern @ v, fired as the kernel
 returns it (tlshim's attention function, so only registry attentions are served). Then:
@@ -15,6 +15,7 @@ reads. A sub-norm before down_proj (BitNet's ffn_sub_norm): hook_post is that no
 from __future__ import annotations
 
 import contextvars
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -222,7 +223,13 @@ def check(cache, b, same):
         same(f"{b}.attn.hook_z_gated", "= hook_z * hook_gate", cache[f"{b}.attn.hook_z_gated"], gated)
 
 
-def serves(site_class) -> bool:
-    """Whether tlshim can fire hook_z at the kernel of an attention served by ``site_class``."""
-    return issubclass(site_class, AttnSite) and site_class.routes_config
+@functools.cache
+def gated(site_class):
+    """The site class serving a gated / sub-normed attention otherwise served by ``site_class`` (a
+    registry site: hook_z fires at the kernel); None where the kernel is not tlshim's to watch."""
+    if not (issubclass(site_class, AttnSite) and site_class.routes_config):
+        return None
+    if site_class is AttnSite:
+        return GatedAttnSite
+    return type(f"Gated{site_class.__name__}", (GatedAttnSite, site_class), {"__module__": __name__})
 

@@ -374,7 +374,8 @@ def _between_kernel_and_o_proj(between, attn_site, flow, layer, names, where, co
     a gate out of q_proj only where the probe shows each head's query, then its gate (the q norm reads
     the first half of each head's slice)."""
     attn_name, mlp_name, first_norm, q, q_norm = names
-    if not attention_output.serves(attn_site):
+    site = attention_output.gated(attn_site)
+    if site is None:
         raise UnsupportedModelError(
             f"{type(get_path(layer, attn_name)).__name__} at {where} gates or normalises its kernel output before o_proj "
             "but does not go through transformers' attention registry, so hook_z (the kernel output) cannot be served"
@@ -389,7 +390,7 @@ def _between_kernel_and_o_proj(between, attn_site, flow, layer, names, where, co
         path = f"{owner}.{name}" if owner else name
         if name and _norm_kind(get_path(layer, path), flow, path) is not kind:
             raise UnsupportedModelError(f"{where}: the sub-norm {path} is of another kind than the blocks' norms")
-    return attention_output.GatedAttnSite
+    return site
 
 
 def _separate_params(between):
