@@ -255,3 +255,17 @@ def test_the_gated_site_keeps_the_derived_registry_site_and_refuses_one_outside_
     assert issubclass(gated(OwnSite), GatedAttnSite) and issubclass(gated(OwnSite), OwnSite)
     assert gated(OwnSite) is gated(OwnSite)  # one class per site class: the planner checks isinstance
     assert gated(InlineAttnSite) is None
+
+
+@pytest.mark.parametrize("model_type, fields", [("laguna", {}), ("bitnet", {})], ids=str)
+def test_head_results_computed_from_the_cache_are_what_o_proj_gets_per_head(model_type, fields):
+    model, _ = _pair(model_type, fields)
+    _, full = model.run_with_cache(tokens(), names_filter="blocks.1.attn.hook_result", use_cache=False)
+    _, cache = model.run_with_cache(tokens(), use_cache=False)
+    assert "blocks.1.attn.hook_result" not in cache
+    cache.compute_head_results()
+    torch.testing.assert_close(cache["blocks.1.attn.hook_result"], full["blocks.1.attn.hook_result"])
+    if model_type == "laguna":
+        _, bare = model.run_with_cache(tokens(), names_filter="blocks.1.attn.hook_z", use_cache=False)
+        with pytest.raises(KeyError, match="hook_z_gated is not cached"):
+            bare.compute_head_results()

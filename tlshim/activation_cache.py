@@ -15,6 +15,7 @@ import numbers
 
 import torch
 
+from . import attention_output
 from .names import act_name
 from .tl_cache import CacheAnalysis
 
@@ -149,8 +150,8 @@ class ActivationCache(CacheAnalysis):
         for i, block in enumerate(self.model.blocks):
             name = f"blocks.{i}.attn.hook_result"
             if name not in self.cache_dict:
-                w_o = block.attn.W_O.to(self[f"blocks.{i}.attn.hook_z"].device)
-                self.cache_dict[name] = torch.einsum("...he,hed->...hd", self[f"blocks.{i}.attn.hook_z"], w_o.detach())
+                z = attention_output.head_inputs(self, f"blocks.{i}", block)  # hook_z, or gated (Laguna)
+                self.cache_dict[name] = torch.einsum("...he,hed->...hd", z, block.attn.W_O.to(z.device).detach())
 
     def stack_head_results(self, layer=-1, return_labels=False, incl_remainder=False, pos_slice=None, apply_ln=False):
         """Every head's output (z_h @ W_O[h]) up to ``layer``, as (layer * head, ..., d_model)."""

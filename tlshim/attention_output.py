@@ -216,6 +216,16 @@ def o_proj_input(cache, b, block):
         return norm(z)
 
 
+def head_inputs(cache, b, block):
+    """(b p h e): what o_proj read, per head, from a cache (hook_result = this @ W_O per head): hook_z,
+    or on a gated / sub-normed attention the values after the gate (hook_z_gated must be cached) and
+    the sub-norm."""
+    if getattr(block.attn, "hook_z_gated", None) is not None and f"{b}.attn.hook_z_gated" not in cache:
+        raise KeyError(f"{b}.attn.hook_z_gated is not cached: a gated attention's head results need it (or hook_result)")
+    z = cache[f"{b}.attn.hook_z"]
+    return o_proj_input(cache, b, block).unflatten(-1, z.shape[-2:])
+
+
 def check(cache, b, same):
     """HOOKS.md for a gated attention: hook_z_gated = hook_z * hook_gate (bit for bit)."""
     if f"{b}.attn.hook_z_gated" in cache:
