@@ -118,9 +118,10 @@ def test_laguna_hook_gate_is_the_softplus_gate_as_multiplied(gating):
         assert torch.equal(cache["blocks.1.hook_attn_out"], attn.o_proj(cache["blocks.1.attn.hook_z_gated"].flatten(-2)))
 
 
-def test_an_edit_of_hook_gate_changes_what_multiplies_hook_z():
+@pytest.mark.parametrize("model_type, fields", [("laguna", {}), ("qwen3_next", FULL)], ids=str)
+def test_an_edit_of_hook_gate_changes_what_multiplies_hook_z(model_type, fields):
     """A gate of ones: o_proj reads the kernel output itself (by hand: o_proj's input replaced by hook_z)."""
-    model, twin = _pair("laguna")
+    model, twin = _pair(model_type, fields)
     _, cache = model.run_with_cache(tokens(), names_filter="blocks.0.attn.hook_z", use_cache=False)
     opened = _logits(model, fwd_hooks=[("blocks.0.attn.hook_gate", lambda g, hook: torch.ones_like(g))])
     o_proj = twin.model.layers[0].self_attn.o_proj
