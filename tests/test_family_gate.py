@@ -270,3 +270,14 @@ def test_head_results_computed_from_the_cache_are_what_o_proj_gets_per_head(mode
         _, bare = model.run_with_cache(tokens(), names_filter="blocks.1.attn.hook_z", use_cache=False)
         with pytest.raises(KeyError, match="hook_z_gated is not cached"):
             bare.compute_head_results()
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, words",
+    [("laguna", {}, "a gate"), ("qwen3_next", FULL, "a gate out of q_proj"), ("bitnet", {}, "sub-norm attn_sub_norm, sub-norm ffn_sub_norm")],
+    ids=str,
+)
+def test_the_install_warning_says_what_sits_before_o_proj(model_type, fields, words):
+    _present(model_type)
+    with pytest.warns(UserWarning, match=f"final norm model.norm; before o_proj / down_proj: {words}\\. "):
+        tlshim.install(build(model_type, **fields))

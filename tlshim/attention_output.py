@@ -59,6 +59,15 @@ def detect(attn, mlp, q, o):
     return found if found != AttnOutput() else None
 
 
+def describe(found) -> str:
+    """The install warning's words for ``found`` (an AttnOutput or None)."""
+    if found is None:
+        return ""
+    parts = ["a gate out of q_proj" if found.query_gate else "a gate" if found.gate else ""]
+    parts += [f"sub-norm {name}" for name in (found.sub_norm, found.mlp_sub_norm) if name]
+    return f"; before o_proj / down_proj: {', '.join(part for part in parts if part)}"
+
+
 def gives_gate(q_proj, o_proj) -> bool:
     """Whether the query projection gives twice what o_proj reads: a gate per head after each head's
     query (checked on the probe by structure.py)."""

@@ -173,7 +173,7 @@ def describe(spec) -> str:
     return (
         f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
         f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
-        f"({spec.norm.tl_type}), final norm {spec.final_norm}"
+        f"({spec.norm.tl_type}), final norm {spec.final_norm}{attention_output.describe(spec.attn_output)}"
     )
 
 
