@@ -111,7 +111,8 @@ def test_laguna_hook_gate_is_the_softplus_gate_as_multiplied(gating):
     with torch.no_grad():
         gate = F.softplus(attn.g_proj(model.model.layers[1].input_layernorm(cache["blocks.1.hook_resid_pre"])))
     z = cache["blocks.1.attn.hook_z"]
-    want = gate[..., None].expand_as(z) if gating is True else gate.view_as(z)
+    per_head = attn.g_proj.out_features == model.cfg.n_heads  # (before 5.24 Laguna gates per head only)
+    want = gate[..., None].expand_as(z) if per_head else gate.view_as(z)
     assert torch.equal(cache["blocks.1.attn.hook_gate"], want)
     assert torch.equal(cache["blocks.1.attn.hook_z_gated"], z * want)
     with torch.no_grad():
