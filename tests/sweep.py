@@ -168,8 +168,9 @@ def _import_once(model_types):
             pass
 
 
-def sweep(model_types=None, memory_gib=6, seconds=120, progress=False) -> dict:
-    """{model_type: check(...)} for the given types (all of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES by default)."""
+def sweep(model_types=None, memory_gib=6, seconds=120, progress=False, checker=None) -> dict:
+    """{model_type: check(...)} for the given types (all of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES by default);
+    ``checker`` replaces ``check`` (scripts/bridge_sweep.py checks the TransformerBridge)."""
     results = {}
     model_types = model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     _import_once(model_types)
@@ -181,7 +182,7 @@ def sweep(model_types=None, memory_gib=6, seconds=120, progress=False) -> dict:
                 resource.setrlimit(resource.RLIMIT_AS, (memory_gib << 30, memory_gib << 30))
                 signal.alarm(seconds)
                 try:
-                    result = check(model_type)
+                    result = (checker or check)(model_type)
                 except BaseException as err:  # a crash of the check itself is a finding too
                     result = {"status": FAILED, "reason": f"the check crashed: {_short(err)}", "trace": traceback.format_exc()[-500:]}
                 with open(out.name, "w") as handle:
