@@ -64,6 +64,14 @@ def test_attention_checks_name_the_pattern_z_and_shapes():
     assert bridge_sweep._attention(cache, "blocks.0", B, P, sinks=False)[0].startswith("blocks.0.attn shapes not as documented")
 
 
+@pytest.mark.parametrize("model_type, n", [("llama", 2), ("gpt_oss", 2), ("lfm2_moe", 1), ("mamba", 0)])
+def test_the_native_attention_layers_are_counted(model_type, n):
+    """gpt-oss's softmax spans one sink column more; LFM2's tiny build has one conv and one attention layer."""
+    from tiny import build, tokens
+
+    assert bridge_sweep._attention_layers(build(model_type), tokens()) == n
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_llama_passes_all_but_the_resid_mid_edit():
     """Known answer (TransformerLens 4.3.0): logits bit for bit; the bridge's hook_resid_mid is ln2's input hook."""
