@@ -42,8 +42,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
-from sweep import FAILED, NOT_RUN, _add_to_first, _short, _zero_columns, _zero_head0, sweep  # noqa: E402
-from tiny import NOT_RUNNABLE, build, tokens  # noqa: E402
+from sweep import FAILED, NOT_RUN, _add_to_first, _short, _zero_columns, _zero_head0, build_pair, sweep  # noqa: E402
 
 PASSES, NO_BOOT = "passes", "does not boot"
 #: every check holds but one: an edit of hook_resid_mid reaches the MLP's input and not the residual stream
@@ -58,16 +57,11 @@ ATTENTION = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "
 
 def check(model_type: str) -> dict:
     """{"status": passes / failed / does not boot / not runnable, "reason": what, "logits_max_diff": ...}."""
-    if model_type in NOT_RUNNABLE:
-        return {"status": NOT_RUN, "reason": NOT_RUNNABLE[model_type]}
-    try:
-        model, twin = build(model_type), build(model_type)
-        ids = tokens()
-        with torch.no_grad():
-            native = twin(input_ids=ids, use_cache=False).logits
-        n_attention = _attention_layers(twin, ids)
-    except Exception as err:  # the type itself does not run tiny on input_ids
-        return {"status": NOT_RUN, "reason": _short(err)}
+    built = build_pair(model_type)
+    if isinstance(built, dict):  # not runnable tiny
+        return built
+    model, twin, ids, native = built
+    n_attention = _attention_layers(twin, ids)
     from test_tl_parity import word_tokenizer
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -44,15 +44,10 @@ NAMED = (
 
 def check(model_type: str) -> dict:
     """{"status": one of the four, "how": spec or structural, "reason": why not verified}."""
-    if model_type in NOT_RUNNABLE:
-        return {"status": NOT_RUN, "reason": NOT_RUNNABLE[model_type]}
-    try:
-        model, twin = build(model_type), build(model_type)
-        ids = tokens()
-        with torch.no_grad():
-            native = twin(input_ids=ids, use_cache=False).logits
-    except Exception as err:  # the type itself does not run tiny on input_ids
-        return {"status": NOT_RUN, "reason": _short(err)}
+    built = build_pair(model_type)
+    if isinstance(built, dict):
+        return built
+    model, twin, ids, native = built
     before = _snapshot(model)
     try:
         with warnings.catch_warnings():
@@ -71,6 +66,21 @@ def check(model_type: str) -> dict:
     if failures:
         return {"status": FAILED, "how": how, "reason": "; ".join(failures[:3])}
     return {"status": VERIFIED, "how": how}
+
+
+def build_pair(model_type: str):
+    """(model, its twin, input ids, the twin's logits), or the "not runnable" result of a type that does
+    not run tiny on input_ids."""
+    if model_type in NOT_RUNNABLE:
+        return {"status": NOT_RUN, "reason": NOT_RUNNABLE[model_type]}
+    try:
+        model, twin = build(model_type), build(model_type)
+        ids = tokens()
+        with torch.no_grad():
+            native = twin(input_ids=ids, use_cache=False).logits
+    except Exception as err:  # the type itself does not run tiny on input_ids
+        return {"status": NOT_RUN, "reason": _short(err)}
+    return model, twin, ids, native
 
 
 def _failures(model, twin, ids, native):
