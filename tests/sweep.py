@@ -45,15 +45,10 @@ NAMED = (
 
 def check(model_type: str) -> dict:
     """{"status": one of the four, "how": spec or structural, "reason": why not verified}."""
-    if model_type in NOT_RUNNABLE:
-        return {"status": NOT_RUN, "reason": NOT_RUNNABLE[model_type]}
-    try:
-        model, twin = build(model_type), build(model_type)
-        ids = tokens()
-        with torch.no_grad():
-            native = twin(input_ids=ids, use_cache=False).logits
-    except Exception as err:  # the type itself does not run tiny on input_ids
-        return {"status": NOT_RUN, "reason": _short(err)}
+    built = build_pair(model_type)
+    if isinstance(built, dict):
+        return built
+    model, twin, ids, native = built
     before = _snapshot(model)
     try:
         with warnings.catch_warnings():
@@ -72,6 +67,21 @@ def check(model_type: str) -> dict:
     if failures:
         return {"status": FAILED, "how": how, "reason": "; ".join(failures[:3])}
     return {"status": VERIFIED, "how": how}
+
+
+def build_pair(model_type: str):
+    """(model, its twin, input ids, the twin's logits), or the "not runnable" result of a type that does
+    not run tiny on input_ids."""
+    if model_type in NOT_RUNNABLE:
+        return {"status": NOT_RUN, "reason": NOT_RUNNABLE[model_type]}
+    try:
+        model, twin = build(model_type), build(model_type)
+        ids = tokens()
+        with torch.no_grad():
+            native = twin(input_ids=ids, use_cache=False).logits
+    except Exception as err:  # the type itself does not run tiny on input_ids
+        return {"status": NOT_RUN, "reason": _short(err)}
+    return model, twin, ids, native
 
 
 def _failures(model, twin, ids, native):
@@ -169,8 +179,9 @@ def _import_once(model_types):
             pass
 
 
-def sweep(model_types=None, memory_gib=6, seconds=120, progress=False) -> dict:
-    """{model_type: check(...)} for the given types (all of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES by default)."""
+def sweep(model_types=None, memory_gib=6, seconds=120, progress=False, checker=None) -> dict:
+    """{model_type: check(...)} for the given types (all of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES by default);
+    ``checker`` replaces ``check`` (scripts/bridge_sweep.py checks the TransformerBridge)."""
     results = {}
     model_types = model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     _import_once(model_types)
@@ -182,7 +193,7 @@ def sweep(model_types=None, memory_gib=6, seconds=120, progress=False) -> dict:
                 resource.setrlimit(resource.RLIMIT_AS, (memory_gib << 30, memory_gib << 30))
                 signal.alarm(seconds)
                 try:
-                    result = check(model_type)
+                    result = (checker or check)(model_type)
                 except BaseException as err:  # a crash of the check itself is a finding too
                     result = {"status": FAILED, "reason": f"the check crashed: {_short(err)}", "trace": traceback.format_exc()[-500:]}
                 with open(out.name, "w") as handle:
