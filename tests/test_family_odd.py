@@ -86,3 +86,77 @@ def test_an_in_place_edit_of_the_sink_scaled_pattern_is_seen():
     attn = twin.model.layers[0].self_attn
     by_hand = native(twin, [(attn.o_proj, lambda m, args: (torch.zeros_like(args[0]),))])
     assert torch.equal(edited, by_hand)
+
+
+# ------------------------------------------------------------------ one norm before and after the blocks (NanoChat)
+
+
+def test_nanochat_shared_norm_is_hook_embed_on_its_first_call_and_ln_final_after_the_blocks():
+    model, twin = installed("nanochat")
+    spec = model._tlshim.spec
+    assert spec.final_norm == spec.embed_out == "model.norm" and model.ln_final is model.model.norm
+    fired = []
+    hooks = [(name, lambda x, hook: fired.append(hook.name)) for name in ("hook_embed", "ln_final.hook_normalized", "ln_final.hook_scale")]
+    logits, cache = model.run_with_cache(tokens(), names_filter=lambda n: True, use_cache=False)
+    with model.hooks(fwd_hooks=hooks), torch.no_grad():
+        model(input_ids=tokens(), use_cache=False)
+    assert sorted(fired) == ["hook_embed", "ln_final.hook_normalized", "ln_final.hook_scale"]  # once each per forward
+    assert torch.equal(logits, native(twin))
+    norm = twin.model.norm
+    with torch.no_grad():
+        embedded = norm(twin.model.embed_tokens(tokens()))
+        last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+        assert torch.equal(cache["hook_embed"], embedded) and torch.equal(cache["blocks.0.hook_resid_pre"], embedded)
+        assert torch.equal(cache["ln_final.hook_normalized"], norm(last))
+        torch.testing.assert_close(cache["ln_final.hook_scale"], last.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt())
+
+
+def norm_call_edit(norm, call, edit):
+    """A forward hook on the twin's shared norm editing the output of its ``call``-th call (0: the embedding's)."""
+    seen = []
+
+    def hook(module, args, out):
+        seen.append(1)
+        return edit(out) if len(seen) == call + 1 else out
+
+    return norm.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("name, call", [("hook_embed", 0), ("ln_final.hook_normalized", 1)])
+def test_nanochat_edits_of_hook_embed_and_ln_final_reach_only_their_own_call(name, call):
+    model, twin = installed("nanochat")
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    edited = model.run_with_hooks(tokens(), fwd_hooks=[(name, lambda x, hook: x + vector)], use_cache=False)
+    handle = norm_call_edit(twin.model.norm, call, lambda out: out + vector)
+    try:
+        by_hand = native(twin)
+    finally:
+        handle.remove()
+    assert torch.equal(edited, by_hand)
+    assert not torch.allclose(edited, native(twin))
+
+
+def test_nanochat_q_norm_follows_rotary_and_its_output_is_what_enters_the_kernel():
+    model, twin = installed("nanochat")
+    assert model._tlshim.spec.qk_norm_after_rotary
+    _, cache = model.run_with_cache(tokens(), names_filter=lambda n: n.startswith("blocks.0.attn"), use_cache=False)
+    assert torch.equal(cache["blocks.0.attn.hook_q_normed"], cache["blocks.0.attn.hook_rot_q"])
+    assert not torch.allclose(cache["blocks.0.attn.hook_q_normed"], twin.model.layers[0].self_attn.q_norm(cache["blocks.0.attn.hook_q"]))
+
+    def zero_head(x, hook):
+        x = x.clone()
+        x[:, :, 1] = 0
+        return x
+
+    edited = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.attn.hook_q_normed", zero_head)], use_cache=False)
+
+    def by_hand(module, args, out):  # the q norm sees (batch, heads, pos, d_head)
+        out = out.clone()
+        out[:, 1] = 0
+        return out
+
+    handle = twin.model.layers[0].self_attn.q_norm.register_forward_hook(by_hand)
+    try:
+        assert torch.equal(edited, native(twin))
+    finally:
+        handle.remove()

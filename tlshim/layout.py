@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from . import family_moe
+from . import family_moe, shared_norm
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -90,9 +90,13 @@ def plan_install(model, spec) -> Plan:
     layers = plan.module(spec.layers)
     first_layer = f"{spec.layers}.0"
 
-    embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed_out or spec.embed)
-    embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
-    (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
+    if spec.embed_out is not None and spec.embed_out == spec.final_norm:  # one norm before and after the blocks
+        final_sites = shared_norm.plan(plan, spec, model)
+    else:
+        embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed_out or spec.embed)
+        embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
+        (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
+        final_sites = (plan.site(spec.final_norm, NormSite, spec.norm, None),)
     if spec.pos_embed:
         pos_site = plan.site(spec.pos_embed, PosEmbedSite)
         batch_site = plan.site(spec.layers.rpartition(".")[0], BatchSite)
@@ -101,9 +105,9 @@ def plan_install(model, spec) -> Plan:
     for i in range(len(layers)):
         _plan_layer(plan, i)
 
-    final = plan.site(spec.final_norm, NormSite, spec.norm, None)
-    final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", final)
-    final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
+    final = final_sites[0]
+    final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", *final_sites)
+    final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", *final_sites), None))
 
     plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")

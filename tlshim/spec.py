@@ -133,6 +133,8 @@ class ArchSpec:
     k_norm: str | None = None
     #: q/k norms over the whole projection before the head split (OLMo2), not per head
     qk_norm_whole: bool = False
+    #: q/k norms applied after rotary (NanoChat): hook_q_normed is then what enters the kernel
+    qk_norm_after_rotary: bool = False
     gate_proj: str | None = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"

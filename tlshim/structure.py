@@ -21,7 +21,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import family_abs, family_moe, inline_attention, norms
+from . import family_abs, family_moe, inline_attention, norms, shared_norm
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -139,6 +139,7 @@ def derive_spec(model) -> ArchSpec:
         q_norm=qk_norm[0],
         k_norm=qk_norm[1],
         qk_norm_whole=_qk_norm_whole(flow, sizes["d_head"]),
+        qk_norm_after_rotary=q != k and _qk_norm_after_rotary(flow, f"{attn_name}.{q}"),
         qk_norm_site=HeadsFirstSite if _qk_norm_heads_first(flow, sizes["n_heads"]) else Site,
         gate_proj=gate,
         up_proj=up,
@@ -404,6 +405,9 @@ def _final_norm(model, layers_path, norm_kind, embed_out=None):
     owner = get_path(model, owner_path)
     prefix = f"{owner_path}." if owner_path else ""
     found = [name for name, child in owner.named_children() if _looks_like_norm(child) and prefix + name != embed_out]
+    shared = get_path(model, embed_out) if embed_out and embed_out.rpartition(".")[0] == owner_path else None
+    if not found and _looks_like_norm(shared) and shared_norm.runs_after_blocks(model, shared, owner._modules[layers_path.rpartition(".")[2]][-1]):
+        return embed_out  # the embedding's norm is also the final one (NanoChat): shared_norm.py serves both calls
     if len(found) != 1:
         raise UnsupportedModelError(
             f"no single final norm found next to the blocks in {type(owner).__name__} (norm-like children: {found or 'none'})"
@@ -555,6 +559,15 @@ def _post_norm_roles(layer, flow, attn_name, mlp_name):
 def _qk_norm_whole(flow, d_head) -> bool:
     """Whether the q norm spans the whole projection before the head split (OLMo2), not one head."""
     return "q_norm" in flow.inputs and flow.inputs["q_norm"].shape[-1] != d_head
+
+
+def _qk_norm_after_rotary(flow, q_path) -> bool:
+    """Whether the q norm reads the rotated q (NanoChat: rotary, then the norm), not q_proj's output."""
+    x, q = flow.inputs.get("q_norm"), flow.outputs.get(q_path)
+    if x is None or q is None:
+        return False
+    heads = q.view(*q.shape[:-1], -1, x.shape[-1])
+    return not any(_same(x, view) for view in (q, heads, heads.transpose(1, 2)))
 
 
 def _qk_norm_heads_first(flow, n_heads) -> bool:

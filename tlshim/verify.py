@@ -154,6 +154,9 @@ def _check_qk_norms(same, cache, b, attn, spec):
         name, path = f"{b}.attn.hook_{role}_normed", getattr(spec, f"{role}_norm")
         if name not in cache or not path:
             continue
+        if spec.qk_norm_after_rotary:  # the norm reads the rotated q / k: its output enters the kernel
+            same(name, f"equals hook_rot_{role} (the {role} norm follows rotary)", cache[name], cache[f"{b}.attn.hook_rot_{role}"])
+            continue
         x, norm = cache[f"{b}.attn.hook_{role}"], get_path(attn, path)
         with torch.no_grad():
             want = norm(x.flatten(-2)).view_as(x) if spec.qk_norm_whole else norm(x)
