@@ -160,3 +160,78 @@ def test_nanochat_q_norm_follows_rotary_and_its_output_is_what_enters_the_kernel
         assert torch.equal(edited, native(twin))
     finally:
         handle.remove()
+
+
+# ------------------------------------------------------------------ a norm of the value heads (Gemma 4)
+
+GEMMA4 = ("gemma4_unified_text", "gemma4_unified")
+
+
+def language_model(model):
+    return getattr(model.model, "language_model", model.model)
+
+
+@pytest.mark.parametrize("model_type", GEMMA4)
+def test_hook_v_is_the_normed_value_heads_attention_uses(model_type):
+    model, twin = installed(model_type)
+    assert model._tlshim.spec.v_norm == "v_norm"
+    logits, cache = model.run_with_cache(tokens(), names_filter=lambda n: True, use_cache=False)
+    assert torch.equal(logits, native(twin))
+    attn = language_model(twin).layers[0].self_attn
+    with torch.no_grad():
+        v = attn.v_proj(cache["blocks.0.ln1.hook_normalized"] * language_model(twin).layers[0].input_layernorm.weight)
+    v = v.view(cache["blocks.0.attn.hook_v"].shape)
+    torch.testing.assert_close(cache["blocks.0.attn.hook_v"], v * v.pow(2).mean(-1, keepdim=True).add(attn.v_norm.eps).rsqrt())
+    assert not torch.allclose(cache["blocks.0.attn.hook_v"], v)
+
+
+@pytest.mark.parametrize("model_type", GEMMA4)
+def test_an_edit_of_hook_v_equals_editing_the_v_norm_output_by_hand(model_type):
+    model, twin = installed(model_type)
+
+    def zero_head(x, hook):
+        x = x.clone()
+        x[:, :, 1] = 0
+        return x
+
+    edited = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.attn.hook_v", zero_head)], use_cache=False)
+    v_norm = language_model(twin).layers[0].self_attn.v_norm
+    handle = v_norm.register_forward_hook(lambda m, args, out: zero_head(out, None))
+    try:
+        by_hand = native(twin)
+    finally:
+        handle.remove()
+    assert torch.equal(edited, by_hand) and not torch.equal(edited, native(twin))
+
+
+def test_an_edit_of_hook_v_input_goes_through_v_proj_then_the_v_norm():
+    model, twin = installed("gemma4_unified_text")
+    model.set_use_split_qkv_input(True)
+    delta = torch.randn(tokens().shape[1], model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+
+    def add_to_head0(x, hook):
+        x = x.clone()
+        x[:, :, 0] += delta
+        return x
+
+    edited = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.hook_v_input", add_to_head0)], use_cache=False)
+    layer = twin.model.layers[0]
+    seen = {}
+    d_head = model.cfg.d_head
+
+    def recompute(module, args, out):  # kv head 0 from the edited copy: ln1, v_proj's rows of that head, the v norm
+        out = out.clone()
+        v = layer.self_attn.v_proj(layer.input_layernorm(seen["x"] + delta))[..., :d_head]
+        out[:, :, 0] = type(module).forward(module, v)  # not module(v): that would run this hook again
+        return out
+
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
+        layer.self_attn.v_norm.register_forward_hook(recompute),
+    ]
+    try:
+        by_hand = native(twin)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(edited, by_hand) and not torch.equal(edited, native(twin))

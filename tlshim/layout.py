@@ -141,6 +141,8 @@ def _plan_layer(plan: Plan, i: int):
         aliases["ln1"] = ln1.module
 
     qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
+    if spec.v_norm:  # hook_v is the normed value heads attention uses (Gemma 4)
+        qkv[2] = ("hook_v", f"{spec.attn}.{spec.v_norm}", None)
     _plan_projections(plan, qkv, base, block, attn, "attn")
     for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")

@@ -135,6 +135,8 @@ class ArchSpec:
     qk_norm_whole: bool = False
     #: q/k norms applied after rotary (NanoChat): hook_q_normed is then what enters the kernel
     qk_norm_after_rotary: bool = False
+    #: a norm of the value heads (Gemma 4's weight-free v_norm): hook_v fires on its output, what attention uses
+    v_norm: str | None = None
     gate_proj: str | None = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"

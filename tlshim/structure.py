@@ -51,6 +51,8 @@ GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+#: a norm of the value heads inside the attention module (Gemma 4)
+V_NORMS = ("v_norm",)
 #: module-level functions of a Llama-derived attention from before the registry (legacy_attention.py)
 LEGACY_ATTENTION = ("apply_rotary_pos_emb", "repeat_kv")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -140,6 +142,7 @@ def derive_spec(model) -> ArchSpec:
         k_norm=qk_norm[1],
         qk_norm_whole=_qk_norm_whole(flow, sizes["d_head"]),
         qk_norm_after_rotary=q != k and _qk_norm_after_rotary(flow, f"{attn_name}.{q}"),
+        v_norm=_v_norm(attn, flow, f"{attn_name}.{v}", attn_name),
         qk_norm_site=HeadsFirstSite if _qk_norm_heads_first(flow, sizes["n_heads"]) else Site,
         gate_proj=gate,
         up_proj=up,
@@ -568,6 +571,15 @@ def _qk_norm_after_rotary(flow, q_path) -> bool:
         return False
     heads = q.view(*q.shape[:-1], -1, x.shape[-1])
     return not any(_same(x, view) for view in (q, heads, heads.transpose(1, 2)))
+
+
+def _v_norm(attn, flow, v_path, attn_name):
+    """The name of a norm that reads the value projection's output split into heads (Gemma 4), or None."""
+    name = next((n for n in V_NORMS if _looks_like_norm(getattr(attn, n, None))), None)
+    x, v = flow.inputs.get(f"{attn_name}.{name}"), flow.outputs.get(v_path)
+    if name is None or x is None or v is None or not _same(x, v.view(x.shape)):
+        return None
+    return name
 
 
 def _qk_norm_heads_first(flow, n_heads) -> bool:
