@@ -235,3 +235,40 @@ def test_an_edit_of_hook_v_input_goes_through_v_proj_then_the_v_norm():
         for handle in handles:
             handle.remove()
     assert torch.equal(edited, by_hand) and not torch.equal(edited, native(twin))
+
+
+def with_layer_scalars(model):
+    with torch.no_grad():
+        for i, layer in enumerate(language_model(model).layers):
+            layer.layer_scalar.fill_(0.75 + 0.5 * i)
+    return model
+
+
+def test_a_layer_scalar_scales_resid_post_and_a_resid_mid_edit_is_scaled_as_the_model_scales_it():
+    if "gemma4_unified_text" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_unified_text")
+    model, twin = with_layer_scalars(build("gemma4_unified_text")), with_layer_scalars(build("gemma4_unified_text"))
+    tlshim.install(model)
+    assert model._tlshim.spec.layer_scalar == "layer_scalar"
+    report = tlshim.verify(model, tokens())
+    assert report.ok, str(report)
+    logits, cache = model.run_with_cache(tokens(), names_filter=lambda n: "resid" in n or n.endswith("mlp_out"), use_cache=False)
+    assert torch.equal(logits, native(twin))
+    assert torch.equal(cache["blocks.1.hook_resid_post"], (cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"]) * 1.25)
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    steered = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.1.hook_resid_mid", lambda x, hook: x + vector)], use_cache=False)
+    norm = twin.model.layers[1].post_attention_layernorm
+    handle = norm.register_forward_hook(lambda m, args, out: out + vector)
+    try:
+        by_hand = native(twin)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(steered, by_hand, rtol=1e-5, atol=1e-5 * float(by_hand.abs().max()))
+    assert not torch.allclose(steered, native(twin), atol=1e-3)
+
+
+def test_gemma4_per_layer_input_is_refused_naming_the_sub_layer():
+    if "gemma4_text" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_text")
+    with pytest.raises(tlshim.UnsupportedModelError, match="third sub-layer after the MLP .per_layer_input_gate"):
+        tlshim.install(build("gemma4_text"))

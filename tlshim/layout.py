@@ -128,6 +128,7 @@ def _plan_layer(plan: Plan, i: int):
     block = f"blocks.{i}"
     rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
     layer_site = plan.site(base, RowsLayerSite if spec.mlp_rows else LayerSite)
+    layer_site.scalar = spec.layer_scalar
     layer = layer_site.module
     attn = plan.module(rel(spec.attn))
     mlp = plan.module(rel(spec.mlp))

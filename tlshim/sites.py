@@ -224,6 +224,8 @@ class LayerSite(Site):
     """
 
     mid_point = None
+    #: the name of a one-element tensor of the layer its output is multiplied by (Gemma 4), or None
+    scalar = None
 
     def call(self, wrapped, args, kwargs):
         calls = _LAYER_CALLS.get()
@@ -237,7 +239,10 @@ class LayerSite(Site):
         finally:
             _LAYER_CALLS.reset(token)
         if call is not None and call.mid is not None and call.mlp_out is not None:
-            out = with_first_output(out, call.mid + call.mlp_out)
+            total = call.mid + call.mlp_out
+            if self.scalar is not None:  # in the model's own op: hidden_states *= layer_scalar
+                total *= getattr(self.module, self.scalar)
+            out = with_first_output(out, total)
         return out
 
     def current_call(self):

@@ -137,6 +137,8 @@ class ArchSpec:
     qk_norm_after_rotary: bool = False
     #: a norm of the value heads (Gemma 4's weight-free v_norm): hook_v fires on its output, what attention uses
     v_norm: str | None = None
+    #: a one-element tensor of the decoder layer its output is multiplied by (Gemma 4's layer_scalar)
+    layer_scalar: str | None = None
     gate_proj: str | None = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"

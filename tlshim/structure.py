@@ -143,6 +143,7 @@ def derive_spec(model) -> ArchSpec:
         qk_norm_whole=_qk_norm_whole(flow, sizes["d_head"]),
         qk_norm_after_rotary=q != k and _qk_norm_after_rotary(flow, f"{attn_name}.{q}"),
         v_norm=_v_norm(attn, flow, f"{attn_name}.{v}", attn_name),
+        layer_scalar=roles.get("layer_scalar"),
         qk_norm_site=HeadsFirstSite if _qk_norm_heads_first(flow, sizes["n_heads"]) else Site,
         gate_proj=gate,
         up_proj=up,
@@ -532,12 +533,28 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
         raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
     mlp_out = rows(flow.outputs[roles["ln2_post"] or mlp_name])
-    if not _same(mid, x + attn_out) or not _same(flow.outputs[""], mid + mlp_out):
+    roles["layer_scalar"] = _layer_scalar(layer, flow.outputs[""], mid + mlp_out)
+    after = next((n for n, child in layer.named_children() if _same(flow.inputs.get(n), mid + mlp_out) and n != roles["ln2_post"]), None)
+    if after and roles["layer_scalar"] is False:
+        raise UnsupportedModelError(
+            f"{where}: a third sub-layer after the MLP ({after} reads resid_mid + mlp_out, Gemma 4's per-layer "
+            "input) adds to the residual stream; it has no hooks yet"
+        )
+    if not _same(mid, x + attn_out) or roles["layer_scalar"] is False:
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + attention output + MLP output "
             "(a multiplier or another sum order)"
         )
     return roles
+
+
+def _layer_scalar(layer, out, total):
+    """The name of a one-element buffer or parameter of the layer that the block output is resid_mid +
+    mlp_out times (Gemma 4's layer_scalar), None where it is that sum itself, False where it is neither."""
+    for name, tensor in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
+        if tensor.numel() == 1 and tensor.is_floating_point() and _same(out, total * tensor):
+            return name
+    return None if _same(out, total) else False
 
 
 def _post_norm_roles(layer, flow, attn_name, mlp_name):

@@ -118,7 +118,10 @@ def _verify(model, input_ids):
             _parallel_block(cfg, cache, b, same, add)
         else:
             same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
-            same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
+            total, spec = cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"], model._tlshim.spec
+            if spec.layer_scalar:  # Gemma 4: the block output is scaled
+                total = total * getattr(get_path(model, f"{spec.layers}.{i}"), spec.layer_scalar)
+            same(f"{b}.hook_resid_post", "= resid_mid + mlp_out" + (" (times the layer scalar)" if spec.layer_scalar else ""), cache[f"{b}.hook_resid_post"], total)
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
         sinks = getattr(block.attn, "sinks", None)
         if sinks is not None:  # HOOKS.md: the sink takes the rest of each row's mass
