@@ -272,3 +272,21 @@ def test_gemma4_per_layer_input_is_refused_naming_the_sub_layer():
         pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_text")
     with pytest.raises(tlshim.UnsupportedModelError, match="third sub-layer after the MLP .per_layer_input_gate"):
         tlshim.install(build("gemma4_text"))
+
+
+# ------------------------------------------------------------------ blocks in more than one stack (HRM, BLT)
+
+
+@pytest.mark.parametrize(
+    "model_type, message",
+    [
+        # H_cycles 2 x L_cycles 3 of the default config: the low stack runs 6 times, the high one twice
+        ("hrm_text", r"re-entered in a loop.*L_module.layers \(its first block runs 6 times per forward\), model.H_module.layers \(its first block runs 2 times"),
+        ("blt", r"with other modules between them: model.local_encoder.layers \(its first block runs 1 time per forward\)"),
+    ],
+)
+def test_blocks_in_more_than_one_stack_are_refused_saying_how_often_each_runs(model_type, message):
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}")
+    with pytest.raises(tlshim.UnsupportedModelError, match=message):
+        tlshim.install(build(model_type))

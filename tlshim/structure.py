@@ -241,11 +241,27 @@ def _decoder_layers(model):
     top = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]  # not a block's experts
     stacks = [name for name in top if type(lists[name][0]) is type(best[1][0]) and best[1][0]._modules]  # of blocks, not Linears
     if len(stacks) > 1:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has its blocks in more than one stack ({', '.join(stacks)}): a hierarchical or "
-            "recurrent model whose blocks run more than once per forward has no blocks.{i} numbering"
-        )
+        calls = _calls_per_forward(model, [lists[name][0] for name in stacks])
+        runs = ", ".join(f"{name} (its first block runs {n} time{'s' * (n != 1)} per forward)" for name, n in zip(stacks, calls))
+        why = "re-entered in a loop, so a block has no one blocks.{i} number" if max(calls) > 1 else "with other modules between them"
+        raise UnsupportedModelError(f"{type(model).__name__} has its blocks in more than one stack, {why}: {runs}")
     return best
+
+
+def _calls_per_forward(model, modules) -> list:
+    """How often each module runs in one forward on a few tokens."""
+    counts = [0] * len(modules)
+    handles = [m.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1)) for i, m in enumerate(modules)]
+    embedding = model.get_input_embeddings()
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 7, device=embedding.weight.device).remainder(embedding.num_embeddings)[None], use_cache=False)
+    except Exception:  # the count is for the message only
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def _child(layer, candidates, what, layers_path):
