@@ -290,3 +290,12 @@ def test_blocks_in_more_than_one_stack_are_refused_saying_how_often_each_runs(mo
         pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}")
     with pytest.raises(tlshim.UnsupportedModelError, match=message):
         tlshim.install(build(model_type))
+
+
+def test_gemma3n_altup_streams_are_refused_naming_them():
+    if "gemma3n_text" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma3n_text")
+    model = build("gemma3n_text")
+    # the list of blocks, not the longer list of AltUp's projections
+    with pytest.raises(tlshim.UnsupportedModelError, match=r"model.layers.0 reads 4 residual streams stacked on a leading axis \(AltUp\)"):
+        tlshim.install(model)

@@ -90,6 +90,7 @@ def derive_spec(model) -> ArchSpec:
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
     owner_path = layers_path.rpartition(".")[0]
     flow = _probe(model, layer, get_path(model, owner_path), {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
+    _one_stream(flow, layer, layers_path)
     entry = family_abs.embedding_entry(model, owner_path, flow) or {}
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
     # own scores and softmax watched whole (family_abs) where positions are absolute or ALiBi is on in a
@@ -229,7 +230,8 @@ def _decoder_layers(model):
     not counting lists inside the items of another (a block's experts)."""
     best, outer = None, []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+        # (of modules with children: a list of projections, Gemma 3n's altup_projections, holds no blocks)
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1 and module[0]._modules:
             if any(name.startswith(f"{other}.") for other in outer):
                 continue
             outer.append(name)
@@ -590,6 +592,16 @@ def _post_norm_roles(layer, flow, attn_name, mlp_name):
         f"{type(layer).__name__}: attention reads the block input with no norm before it, but the block is not "
         "x + post_norm(attention(x)), then + post_norm(mlp(...)) (the post-norm-only layout of OLMo2)"
     )
+
+
+def _one_stream(flow, layer, where):
+    """Refuse blocks that read several residual streams stacked on a leading axis (Gemma 3n's AltUp)."""
+    x, embedding = flow.inputs[""], flow.embedding
+    if isinstance(x, torch.Tensor) and isinstance(embedding, torch.Tensor) and x.dim() == embedding.dim() + 1 and x.shape[1:] == embedding.shape:
+        raise UnsupportedModelError(
+            f"{type(layer).__name__} at {where}.0 reads {x.shape[0]} residual streams stacked on a leading axis "
+            "(AltUp), not one: hook_resid_pre and the residual invariants have no single stream to hold"
+        )
 
 
 def _qk_norm_whole(flow, d_head) -> bool:
