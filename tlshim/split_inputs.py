@@ -134,10 +134,9 @@ def plan_switch_hooks(plan):
             plan.entries.append(DictEntry(attn, name, point, where=f"{block}.attn"))
         fork = _Fork(points, n_heads, n_kv)
         ln1.in_points.append((fork, None))
-        for role, site in projections.items():
-            splice = _splice_into(site, fork, role, ln1, f"{block}.attn.hook_{role}")
+        splices = {role: _splice_into(site, fork, role, ln1, f"{block}.attn.hook_{role}") for role, site in projections.items()}
         if spec.v_norm:  # the v copies go through v_proj, then the v norm (Gemma 4)
-            splice.proj, splice.norm = plan.module(f"{base}.{spec.attn}.{spec.v_proj}"), projections["v"].module
+            splices["v"].proj, splices["v"].norm = plan.module(f"{base}.{spec.attn}.{spec.v_proj}"), projections["v"].module
 
 
 def _splice_into(site, fork, role, ln1, name):

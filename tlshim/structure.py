@@ -552,7 +552,7 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
     mlp_out = rows(flow.outputs[roles["ln2_post"] or mlp_name])
     roles["layer_scalar"] = _layer_scalar(layer, flow.outputs[""], mid + mlp_out)
-    after = next((n for n, child in layer.named_children() if _same(flow.inputs.get(n), mid + mlp_out) and n != roles["ln2_post"]), None)
+    after = next((n for n in layer._modules if _same(flow.inputs.get(n), mid + mlp_out)), None)
     if after and roles["layer_scalar"] is False:
         raise UnsupportedModelError(
             f"{where}: a third sub-layer after the MLP ({after} reads resid_mid + mlp_out, Gemma 4's per-layer "
