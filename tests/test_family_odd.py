@@ -267,11 +267,48 @@ def test_a_layer_scalar_scales_resid_post_and_a_resid_mid_edit_is_scaled_as_the_
     assert not torch.allclose(steered, native(twin), atol=1e-3)
 
 
-def test_gemma4_per_layer_input_is_refused_naming_the_sub_layer():
+def test_gemma4_per_layer_input_is_hook_per_layer_out_and_resid_post_adds_it_before_the_scalar():
     if "gemma4_text" not in CONFIG_MAPPING:
         pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_text")
-    with pytest.raises(tlshim.UnsupportedModelError, match="third sub-layer after the MLP .per_layer_input_gate"):
-        tlshim.install(build("gemma4_text"))
+    model, twin = with_layer_scalars(build("gemma4_text")), with_layer_scalars(build("gemma4_text"))
+    tlshim.install(model)
+    spec = model._tlshim.spec
+    assert (spec.per_layer_out, spec.layer_scalar, spec.final_norm) == ("post_per_layer_input_norm", "layer_scalar", "model.norm")
+    report = tlshim.verify(model, tokens())
+    assert report.ok, str(report)
+    logits, cache = model.run_with_cache(tokens(), names_filter=lambda n: n.startswith("blocks.1.hook"), use_cache=False)
+    seen = {}
+    handle = twin.model.layers[1].post_per_layer_input_norm.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    try:
+        assert torch.equal(logits, native(twin))
+    finally:
+        handle.remove()
+    assert torch.equal(cache["blocks.1.hook_per_layer_out"], seen["out"])
+    total = (cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"] + cache["blocks.1.hook_per_layer_out"]) * 1.25
+    assert torch.equal(cache["blocks.1.hook_resid_post"], total)
+
+
+@pytest.mark.parametrize("name, module", [("hook_per_layer_out", "post_per_layer_input_norm"), ("hook_resid_mid", "post_attention_layernorm")])
+def test_gemma4_edits_before_the_per_layer_sub_layer_equal_the_edit_by_hand(name, module):
+    """hook_per_layer_out: zeroed, bit for bit; hook_resid_mid: a vector added, which the per-layer
+    sub-layer then reads as the model computes it (the sum order differs: close, not bit for bit)."""
+    if "gemma4_text" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_text")
+    model, twin = with_layer_scalars(build("gemma4_text")), with_layer_scalars(build("gemma4_text"))
+    tlshim.install(model)
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    edit = (lambda x: torch.zeros_like(x)) if name == "hook_per_layer_out" else (lambda x: x + vector)
+    edited = model.run_with_hooks(tokens(), fwd_hooks=[(f"blocks.0.{name}", lambda x, hook: edit(x))], use_cache=False)
+    handle = getattr(twin.model.layers[0], module).register_forward_hook(lambda m, args, out: edit(out))
+    try:
+        by_hand = native(twin)
+    finally:
+        handle.remove()
+    if name == "hook_per_layer_out":
+        assert torch.equal(edited, by_hand)
+    else:
+        torch.testing.assert_close(edited, by_hand, rtol=1e-5, atol=1e-5 * float(by_hand.abs().max()))
+    assert not torch.allclose(edited, native(twin), atol=1e-3)
 
 
 # ------------------------------------------------------------------ blocks in more than one stack (HRM, BLT)

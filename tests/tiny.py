@@ -39,7 +39,7 @@ FIELDS = {
     "mamba2": {"num_heads": 8},  # expand * hidden_size = heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "xlstm": {"embedding_dim": D_MODEL, "num_blocks": 2},  # its read-only head sizes make sized configs fail
-    "gemma4_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB},
+    "gemma4_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
     "gemma4_unified_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
     "cohere_compass_text": {"rope_parameters": dict.fromkeys(("full_attention", "sliding_attention"), {"rope_type": "default", "rope_theta": 1e4})},
 }

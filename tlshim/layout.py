@@ -195,6 +195,10 @@ def _plan_layer(plan: Plan, i: int):
         down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
+    if spec.per_layer_out:  # Gemma 4: a third sub-layer, after the MLP, adds this
+        site = plan.site(rel(spec.per_layer_out))
+        site.out_points.append((plan.point(f"{block}.hook_per_layer_out", layer, "hook_per_layer_out", site), None))
+        layer_site.tail = True
     layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
     for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input

@@ -139,6 +139,8 @@ class ArchSpec:
     v_norm: str | None = None
     #: a one-element tensor of the decoder layer its output is multiplied by (Gemma 4's layer_scalar)
     layer_scalar: str | None = None
+    #: the module (relative to the layer) whose output a sub-layer after the MLP adds (Gemma 4's per-layer input)
+    per_layer_out: str | None = None
     gate_proj: str | None = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"

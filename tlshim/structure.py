@@ -109,7 +109,7 @@ def derive_spec(model) -> ArchSpec:
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
-    final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"))
+    final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"), flow)
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
@@ -145,6 +145,7 @@ def derive_spec(model) -> ArchSpec:
         qk_norm_after_rotary=q != k and _qk_norm_after_rotary(flow, f"{attn_name}.{q}"),
         v_norm=_v_norm(attn, flow, f"{attn_name}.{v}", attn_name),
         layer_scalar=roles.get("layer_scalar"),
+        per_layer_out=roles.get("per_layer_out"),
         qk_norm_site=HeadsFirstSite if _qk_norm_heads_first(flow, sizes["n_heads"]) else Site,
         gate_proj=gate,
         up_proj=up,
@@ -420,13 +421,14 @@ def _path_of(model, module, what):
     raise UnsupportedModelError(f"the {what} of {type(model).__name__} is not one of its modules")
 
 
-def _final_norm(model, layers_path, norm_kind, embed_out=None):
+def _final_norm(model, layers_path, norm_kind, embed_out=None, flow=None):
     """The norm module right after the blocks: a child of the module that holds the block list (not
-    one after the embedding, BLOOM's)."""
+    one after the embedding, BLOOM's, nor one that ran before the first block, Gemma 4's per-layer input norm)."""
     owner_path = layers_path.rpartition(".")[0]
     owner = get_path(model, owner_path)
     prefix = f"{owner_path}." if owner_path else ""
-    found = [name for name, child in owner.named_children() if _looks_like_norm(child) and prefix + name != embed_out]
+    before = flow.top_outputs if flow is not None else {}
+    found = [name for name, child in owner.named_children() if _looks_like_norm(child) and prefix + name != embed_out and name not in before]
     shared = get_path(model, embed_out) if embed_out and embed_out.rpartition(".")[0] == owner_path else None
     if not found and _looks_like_norm(shared) and shared_norm.runs_after_blocks(model, shared, owner._modules[layers_path.rpartition(".")[2]][-1]):
         return embed_out  # the embedding's norm is also the final one (NanoChat): shared_norm.py serves both calls
@@ -551,19 +553,29 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
         raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
     mlp_out = rows(flow.outputs[roles["ln2_post"] or mlp_name])
-    roles["layer_scalar"] = _layer_scalar(layer, flow.outputs[""], mid + mlp_out)
-    after = next((n for n in layer._modules if _same(flow.inputs.get(n), mid + mlp_out)), None)
-    if after and roles["layer_scalar"] is False:
-        raise UnsupportedModelError(
-            f"{where}: a third sub-layer after the MLP ({after} reads resid_mid + mlp_out, Gemma 4's per-layer "
-            "input) adds to the residual stream; it has no hooks yet"
-        )
+    total = mid + mlp_out
+    roles["per_layer_out"] = _third_sub_layer(layer, flow, total)
+    if roles["per_layer_out"]:
+        total = total + flow.outputs[roles["per_layer_out"]]
+    roles["layer_scalar"] = _layer_scalar(layer, flow.outputs[""], total)
     if not _same(mid, x + attn_out) or roles["layer_scalar"] is False:
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + attention output + MLP output "
             "(a multiplier or another sum order)"
         )
     return roles
+
+
+def _third_sub_layer(layer, flow, total):
+    """The child whose output a sub-layer after the MLP adds to resid_mid + mlp_out (Gemma 4's per-layer
+    input: a child reads that sum, a norm gives what is added), or None."""
+    if not any(_same(flow.inputs.get(n), total) for n in layer._modules):
+        return None
+    for name in layer._modules:
+        out = flow.outputs.get(name)
+        if isinstance(out, torch.Tensor) and out.shape == total.shape and _layer_scalar(layer, flow.outputs[""], total + out) is not False:
+            return name
+    return None
 
 
 def _layer_scalar(layer, out, total):

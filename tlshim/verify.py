@@ -119,9 +119,11 @@ def _verify(model, input_ids):
         else:
             same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
             total, spec = cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"], model._tlshim.spec
+            if spec.per_layer_out:  # Gemma 4: a third sub-layer adds after the MLP
+                total = total + cache[f"{b}.hook_per_layer_out"]
             if spec.layer_scalar:  # Gemma 4: the block output is scaled
                 total = total * getattr(get_path(model, f"{spec.layers}.{i}"), spec.layer_scalar)
-            same(f"{b}.hook_resid_post", "= resid_mid + mlp_out" + (" (times the layer scalar)" if spec.layer_scalar else ""), cache[f"{b}.hook_resid_post"], total)
+            same(f"{b}.hook_resid_post", "= resid_mid + mlp_out" + (" + per_layer_out" if spec.per_layer_out else "") + (" (times the layer scalar)" if spec.layer_scalar else ""), cache[f"{b}.hook_resid_post"], total)
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
         sinks = getattr(block.attn, "sinks", None)
         if sinks is not None:  # HOOKS.md: the sink takes the rest of each row's mass
