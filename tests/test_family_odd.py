@@ -1,5 +1,7 @@
-"""The outliers of issue 10: Granite SWA's sinks applied as an output scale, ... (one section each):
-what each name holds, cached runs bit-exact, and edits equal to the same edits made by hand."""
+"""The outliers of issue 10, one section each: Granite SWA's sinks applied as an output scale,
+NanoChat's norm shared by the embedding and ln_final, Gemma 4's value norm, layer scalar and per-layer
+input sub-layer, and the refusals (multi-stack HRM / BLT, Gemma 3n's AltUp): what each name holds,
+cached runs bit-exact, and edits equal to the same edits made by hand."""
 
 import pytest
 import torch
@@ -14,9 +16,13 @@ from tiny import build, tokens
 pytestmark = pytest.mark.filterwarnings("ignore:tlshim has no spec")
 
 
-def installed(model_type):
+def present(model_type):
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}")
+
+
+def installed(model_type):
+    present(model_type)
     model, twin = build(model_type), build(model_type)
     tlshim.install(model)
     return model, twin
@@ -245,8 +251,7 @@ def with_layer_scalars(model):
 
 
 def test_a_layer_scalar_scales_resid_post_and_a_resid_mid_edit_is_scaled_as_the_model_scales_it():
-    if "gemma4_unified_text" not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_unified_text")
+    present("gemma4_unified_text")
     model, twin = with_layer_scalars(build("gemma4_unified_text")), with_layer_scalars(build("gemma4_unified_text"))
     tlshim.install(model)
     assert model._tlshim.spec.layer_scalar == "layer_scalar"
@@ -268,8 +273,7 @@ def test_a_layer_scalar_scales_resid_post_and_a_resid_mid_edit_is_scaled_as_the_
 
 
 def test_gemma4_per_layer_input_is_hook_per_layer_out_and_resid_post_adds_it_before_the_scalar():
-    if "gemma4_text" not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_text")
+    present("gemma4_text")
     model, twin = with_layer_scalars(build("gemma4_text")), with_layer_scalars(build("gemma4_text"))
     tlshim.install(model)
     spec = model._tlshim.spec
@@ -292,8 +296,7 @@ def test_gemma4_per_layer_input_is_hook_per_layer_out_and_resid_post_adds_it_bef
 def test_gemma4_edits_before_the_per_layer_sub_layer_equal_the_edit_by_hand(name, module):
     """hook_per_layer_out: zeroed, bit for bit; hook_resid_mid: a vector added, which the per-layer
     sub-layer then reads as the model computes it (the sum order differs: close, not bit for bit)."""
-    if "gemma4_text" not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma4_text")
+    present("gemma4_text")
     model, twin = with_layer_scalars(build("gemma4_text")), with_layer_scalars(build("gemma4_text"))
     tlshim.install(model)
     vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
@@ -323,15 +326,13 @@ def test_gemma4_edits_before_the_per_layer_sub_layer_equal_the_edit_by_hand(name
     ],
 )
 def test_blocks_in_more_than_one_stack_are_refused_saying_how_often_each_runs(model_type, message):
-    if model_type not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}")
+    present(model_type)
     with pytest.raises(tlshim.UnsupportedModelError, match=message):
         tlshim.install(build(model_type))
 
 
 def test_gemma3n_altup_streams_are_refused_naming_them():
-    if "gemma3n_text" not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no gemma3n_text")
+    present("gemma3n_text")
     model = build("gemma3n_text")
     # the list of blocks, not the longer list of AltUp's projections
     with pytest.raises(tlshim.UnsupportedModelError, match=r"model.layers.0 reads 4 residual streams stacked on a leading axis \(AltUp\)"):
