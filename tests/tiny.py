@@ -38,6 +38,26 @@ FIELDS = {
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},
     "mamba2": {"num_heads": 8},  # expand * hidden_size = heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "xlstm": {"embedding_dim": D_MODEL, "num_blocks": 2},  # its read-only head sizes make sized configs fail
+    "gemma4_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
+    "gemma4_unified_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
+    "cohere_compass_text": {"rope_parameters": dict.fromkeys(("full_attention", "sliding_attention"), {"rope_type": "default", "rope_theta": 1e4})},
+}
+#: multimodal types whose text config is that of a text type, built tiny as that type
+TEXT_CONFIG = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
+_SUB = {"hidden_size": D_MODEL, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2}
+#: sub-configs given tiny when the config is built (towers and stacks beside the text model; BLT's byte stacks)
+SUB_CONFIGS = {
+    "blt": {
+        "encoder_hash_byte_group_vocab": VOCAB,
+        **dict.fromkeys(("patcher_config", "global_config"), {**_SUB, "head_dim": 16}),
+        "encoder_config": {**_SUB, "hidden_size_global": D_MODEL, "num_hidden_layers": 1},
+        "decoder_config": {**_SUB, "hidden_size_global": D_MODEL, "head_dim": 16},
+    },
+    "phi4_multimodal": {
+        "vision_config": {**_SUB, "num_key_value_heads": None, "image_size": 28},
+        "audio_config": {**_SUB, "num_blocks": 1, "ext_pw_out_channel": D_MODEL, "depthwise_separable_out_channel": D_MODEL, "nemo_conv_channels": D_MODEL},
+    },
 }
 #: the types that cannot run a forward on input_ids alone (TESTING.md), with the reason
 NOT_RUNNABLE = {
@@ -54,6 +74,9 @@ def tiny_config(model_type: str):
     # the sizes go in as arguments, so that the fields a config derives from them (a Mamba head size, an
     # MLA query width, Gemma 4's per-layer table) follow; a config that refuses them is shrunk as it is
     given = {name: value for name, value in SIZES.items() if _is_int(_field(config, name))}
+    if model_type in TEXT_CONFIG:
+        given["text_config"] = tiny_config(TEXT_CONFIG[model_type]).to_dict()
+    given.update(SUB_CONFIGS.get(model_type, {}))
     try:
         config = AutoConfig.for_model(model_type, **{**given, **FIELDS.get(model_type, {})})
     except Exception:

@@ -16,6 +16,7 @@ import importlib
 
 import torch
 
+from . import sink_scaling
 from ._wrapt import ObjectProxy
 from .errors import ConflictError
 from .sites import Site
@@ -252,6 +253,8 @@ def eager_attention(module, site, query, key, value, attention_mask, scaling, dr
     scores = _apply_mask(module, site, scores, attention_mask, kwargs.get("is_causal"))
     scores = site.scores.fire(scores)
     sinks = getattr(module, "sinks", None)
+    if sinks is not None and sink_scaling.scales_output(module):  # Granite SWA
+        return sink_scaling.attention(module, site, scores, value, dropout)
     if sinks is not None:  # gpt-oss: a per-head sink logit takes a share of each row, then is dropped
         pattern = sink_softmax(scores, sinks)
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from . import attention_output, family_moe
+from . import attention_output, family_moe, shared_norm
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -90,9 +90,13 @@ def plan_install(model, spec) -> Plan:
     layers = plan.module(spec.layers)
     first_layer = f"{spec.layers}.0"
 
-    embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed_out or spec.embed)
-    embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
-    (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
+    if spec.embed_out is not None and spec.embed_out == spec.final_norm:  # one norm before and after the blocks
+        final_sites = shared_norm.plan(plan, spec, model)
+    else:
+        embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed_out or spec.embed)
+        embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
+        (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
+        final_sites = (plan.site(spec.final_norm, NormSite, spec.norm, None),)
     if spec.pos_embed:
         pos_site = plan.site(spec.pos_embed, PosEmbedSite)
         batch_site = plan.site(spec.layers.rpartition(".")[0], BatchSite)
@@ -101,9 +105,9 @@ def plan_install(model, spec) -> Plan:
     for i in range(len(layers)):
         _plan_layer(plan, i)
 
-    final = plan.site(spec.final_norm, NormSite, spec.norm, None)
-    final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", final)
-    final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
+    final = final_sites[0]
+    final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", *final_sites)
+    final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", *final_sites), None))
 
     plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")
@@ -124,6 +128,7 @@ def _plan_layer(plan: Plan, i: int):
     block = f"blocks.{i}"
     rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
     layer_site = plan.site(base, RowsLayerSite if spec.mlp_rows else LayerSite)
+    layer_site.scalar = spec.layer_scalar
     layer = layer_site.module
     attn = plan.module(rel(spec.attn))
     mlp = plan.module(rel(spec.mlp))
@@ -138,6 +143,8 @@ def _plan_layer(plan: Plan, i: int):
 
     qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
     attention_output.plan_query(plan, rel)  # a q_proj that also gives the gate (Qwen3-Next)
+    if spec.v_norm:  # hook_v is the normed value heads attention uses (Gemma 4)
+        qkv[2] = ("hook_v", f"{spec.attn}.{spec.v_norm}", None)
     _plan_projections(plan, qkv, base, block, attn, "attn")
     for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")
@@ -192,6 +199,10 @@ def _plan_layer(plan: Plan, i: int):
         down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
+    if spec.per_layer_out:  # Gemma 4: a third sub-layer, after the MLP, adds this
+        site = plan.site(rel(spec.per_layer_out))
+        site.out_points.append((plan.point(f"{block}.hook_per_layer_out", layer, "hook_per_layer_out", site), None))
+        layer_site.tail = True
     layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
     for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input

@@ -208,10 +208,10 @@ class RotarySite(Site):
 
 
 class _LayerCall:
-    __slots__ = ("mid", "mlp_out")
+    __slots__ = ("mid", "mlp_out", "before")
 
     def __init__(self):
-        self.mid = self.mlp_out = None
+        self.mid = self.mlp_out = self.before = None
 
 
 class LayerSite(Site):
@@ -224,6 +224,11 @@ class LayerSite(Site):
     """
 
     mid_point = None
+    #: the name of a one-element tensor of the layer its output is multiplied by (Gemma 4), or None
+    scalar = None
+    #: whether a sub-layer after the MLP reads resid_mid + mlp_out (Gemma 4): an edited resid_mid then
+    #: reaches the residual through hook_mlp_out's value (MlpOutSite), and the model computes the rest
+    tail = False
 
     def call(self, wrapped, args, kwargs):
         calls = _LAYER_CALLS.get()
@@ -237,7 +242,10 @@ class LayerSite(Site):
         finally:
             _LAYER_CALLS.reset(token)
         if call is not None and call.mid is not None and call.mlp_out is not None:
-            out = with_first_output(out, call.mid + call.mlp_out)
+            total = call.mid + call.mlp_out
+            if self.scalar is not None:  # in the model's own op: hidden_states *= layer_scalar
+                total *= getattr(self.module, self.scalar)
+            out = with_first_output(out, total)
         return out
 
     def current_call(self):
@@ -255,6 +263,8 @@ class MlpOutSite(Site):
         y = fire_points(self.out_points, y)
         call = self.layer_site.current_call()
         if call is not None and call.mid is not None:
+            if self.layer_site.tail:  # the model adds y to the unedited resid_mid: carry the edit in y
+                return y + (call.mid - call.before)
             call.mlp_out = y
         return y
 
@@ -265,7 +275,7 @@ def fire_mid(points, layer_site, x):
     if layer_site is not None and edited is not x:
         call = layer_site.current_call()
         if call is not None:
-            call.mid = edited
+            call.mid, call.before = edited, x
     return edited
 
 

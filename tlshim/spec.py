@@ -133,6 +133,14 @@ class ArchSpec:
     k_norm: str | None = None
     #: q/k norms over the whole projection before the head split (OLMo2), not per head
     qk_norm_whole: bool = False
+    #: q/k norms applied after rotary (NanoChat): hook_q_normed is then what enters the kernel
+    qk_norm_after_rotary: bool = False
+    #: a norm of the value heads (Gemma 4's weight-free v_norm): hook_v fires on its output, what attention uses
+    v_norm: str | None = None
+    #: a one-element tensor of the decoder layer its output is multiplied by (Gemma 4's layer_scalar)
+    layer_scalar: str | None = None
+    #: the module (relative to the layer) whose output a sub-layer after the MLP adds (Gemma 4's per-layer input)
+    per_layer_out: str | None = None
     gate_proj: str | None = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"

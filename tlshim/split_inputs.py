@@ -64,6 +64,9 @@ def _repeat(x, n):
 class _Splice:
     """Replaces the edited heads of one role (q, k or v) in a projection's output by their recomputation."""
 
+    #: the projection where proj_site is a norm after it (a v norm), and that norm
+    proj = norm = None
+
     def __init__(self, fork, role, ln1_site, proj_site, offset, point):
         self.fork, self.role, self.ln1_site, self.proj_site, self.offset = fork, role, ln1_site, proj_site, offset
         self.point = point  # hook_q / hook_k / hook_v, fired after the splice
@@ -84,12 +87,13 @@ class _Splice:
         return self.point.fire(heads) if self.point.active else heads
 
     def _recompute(self, copies, changed, d_head):
-        ln1, proj = self.ln1_site.module, self.proj_site.module
+        ln1, proj = self.ln1_site.module, self.proj or self.proj_site.module
         normed = type(ln1).forward(ln1, copies)  # the classes' forwards: tlshim's wrappers fire nothing here
         out = type(proj).forward(proj, normed)  # (batch, pos, c, out_features): every row, for each copy
         clip = getattr(self.proj_site, "clip", None)  # OLMo: hook_q/k/v hold the clamped values
         out = out if clip is None else out.clamp(min=-clip, max=clip)
-        return torch.stack([out[:, :, i, self.offset + h * d_head: self.offset + (h + 1) * d_head] for i, h in enumerate(changed)], dim=2)
+        heads = torch.stack([out[:, :, i, self.offset + h * d_head: self.offset + (h + 1) * d_head] for i, h in enumerate(changed)], dim=2)
+        return heads if self.norm is None else type(self.norm).forward(self.norm, heads)
 
 
 class _MlpIn:
@@ -122,15 +126,17 @@ def plan_switch_hooks(plan):
         if "hook_attn_in" not in served:
             continue
         ln1 = plan.sites[f"{base}.{spec.ln1}"]
-        projections = {role: plan.sites[f"{base}.{spec.attn}.{getattr(spec, role + '_proj')}"] for role in "qkv"}
+        projections = {role: plan.sites[f"{base}.{spec.attn}.{getattr(spec, role + '_proj')}"] for role in "qk"}
+        projections["v"] = plan.sites[f"{base}.{spec.attn}.{spec.v_norm or spec.v_proj}"]  # hook_v after a v norm
         sites = (ln1, *dict.fromkeys(projections.values()))
         points = [plan.point(f"{block}.{name}", layer, name, *sites) for name in SPLIT_NAMES]
         for name, point in zip(SPLIT_NAMES, points):
             plan.entries.append(DictEntry(attn, name, point, where=f"{block}.attn"))
         fork = _Fork(points, n_heads, n_kv)
         ln1.in_points.append((fork, None))
-        for role, site in projections.items():
-            _splice_into(site, fork, role, ln1, f"{block}.attn.hook_{role}")
+        splices = {role: _splice_into(site, fork, role, ln1, f"{block}.attn.hook_{role}") for role, site in projections.items()}
+        if spec.v_norm:  # the v copies go through v_proj, then the v norm (Gemma 4)
+            splices["v"].proj, splices["v"].norm = plan.module(f"{base}.{spec.attn}.{spec.v_proj}"), projections["v"].module
 
 
 def _splice_into(site, fork, role, ln1, name):
@@ -138,4 +144,5 @@ def _splice_into(site, fork, role, ln1, name):
     index = next(i for i, (point, _) in enumerate(site.out_points) if isinstance(point, HookPoint) and point.name == name)
     point, n_heads = site.out_points[index]
     offset = sum(site.widths[:index]) if isinstance(site, SplitSite) else 0
-    site.out_points[index] = (_Splice(fork, role, ln1, site, offset, point), n_heads)
+    site.out_points[index] = (splice := _Splice(fork, role, ln1, site, offset, point), n_heads)
+    return splice

@@ -21,7 +21,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import attention_output, family_abs, family_moe, inline_attention, norms
+from . import attention_output, family_abs, family_moe, inline_attention, norms, shared_norm
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -52,6 +52,8 @@ GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+#: a norm of the value heads inside the attention module (Gemma 4)
+V_NORMS = ("v_norm",)
 #: module-level functions of a Llama-derived attention from before the registry (legacy_attention.py)
 LEGACY_ATTENTION = ("apply_rotary_pos_emb", "repeat_kv")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -87,6 +89,7 @@ def derive_spec(model) -> ArchSpec:
     _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
     owner_path = layers_path.rpartition(".")[0]
     flow = _probe(model, layer, get_path(model, owner_path), {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
+    _one_stream(flow, layer, layers_path)
     entry = family_abs.embedding_entry(model, owner_path, flow) or {}
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
     # own scores and softmax watched whole (family_abs) where positions are absolute or ALiBi is on in a
@@ -109,7 +112,7 @@ def derive_spec(model) -> ArchSpec:
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
-    final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"))
+    final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"), flow)
     sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
@@ -142,6 +145,10 @@ def derive_spec(model) -> ArchSpec:
         q_norm=qk_norm[0],
         k_norm=qk_norm[1],
         qk_norm_whole=_qk_norm_whole(flow, sizes["d_head"]),
+        qk_norm_after_rotary=q != k and _qk_norm_after_rotary(flow, f"{attn_name}.{q}"),
+        v_norm=_v_norm(attn, flow, f"{attn_name}.{v}", attn_name),
+        layer_scalar=roles.get("layer_scalar"),
+        per_layer_out=roles.get("per_layer_out"),
         qk_norm_site=HeadsFirstSite if _qk_norm_heads_first(flow, sizes["n_heads"]) else Site,
         gate_proj=gate,
         up_proj=up,
@@ -230,7 +237,8 @@ def _decoder_layers(model):
     not counting lists inside the items of another (a block's experts)."""
     best, outer = None, []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+        # (of modules with children: a list of projections, Gemma 3n's altup_projections, holds no blocks)
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1 and module[0]._modules:
             if any(name.startswith(f"{other}.") for other in outer):
                 continue
             outer.append(name)
@@ -242,11 +250,27 @@ def _decoder_layers(model):
     top = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]  # not a block's experts
     stacks = [name for name in top if type(lists[name][0]) is type(best[1][0]) and best[1][0]._modules]  # of blocks, not Linears
     if len(stacks) > 1:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has its blocks in more than one stack ({', '.join(stacks)}): a hierarchical or "
-            "recurrent model whose blocks run more than once per forward has no blocks.{i} numbering"
-        )
+        calls = _calls_per_forward(model, [lists[name][0] for name in stacks])
+        runs = ", ".join(f"{name} (its first block runs {n} time{'s' * (n != 1)} per forward)" for name, n in zip(stacks, calls))
+        why = "re-entered in a loop, so a block has no one blocks.{i} number" if max(calls) > 1 else "with other modules between them"
+        raise UnsupportedModelError(f"{type(model).__name__} has its blocks in more than one stack, {why}: {runs}")
     return best
+
+
+def _calls_per_forward(model, modules) -> list:
+    """How often each module runs in one forward on a few tokens."""
+    counts = [0] * len(modules)
+    handles = [m.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1)) for i, m in enumerate(modules)]
+    embedding = model.get_input_embeddings()
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 7, device=embedding.weight.device).remainder(embedding.num_embeddings)[None], use_cache=False)
+    except Exception:  # the count is for the message only
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def _child(layer, candidates, what, layers_path):
@@ -435,13 +459,17 @@ def _path_of(model, module, what):
     raise UnsupportedModelError(f"the {what} of {type(model).__name__} is not one of its modules")
 
 
-def _final_norm(model, layers_path, norm_kind, embed_out=None):
+def _final_norm(model, layers_path, norm_kind, embed_out=None, flow=None):
     """The norm module right after the blocks: a child of the module that holds the block list (not
-    one after the embedding, BLOOM's)."""
+    one after the embedding, BLOOM's, nor one that ran before the first block, Gemma 4's per-layer input norm)."""
     owner_path = layers_path.rpartition(".")[0]
     owner = get_path(model, owner_path)
     prefix = f"{owner_path}." if owner_path else ""
-    found = [name for name, child in owner.named_children() if _looks_like_norm(child) and prefix + name != embed_out]
+    before = flow.top_outputs if flow is not None else {}
+    found = [name for name, child in owner.named_children() if _looks_like_norm(child) and prefix + name != embed_out and name not in before]
+    shared = get_path(model, embed_out) if embed_out and embed_out.rpartition(".")[0] == owner_path else None
+    if not found and _looks_like_norm(shared) and shared_norm.runs_after_blocks(model, shared, owner._modules[layers_path.rpartition(".")[2]][-1]):
+        return embed_out  # the embedding's norm is also the final one (NanoChat): shared_norm.py serves both calls
     if len(found) != 1:
         raise UnsupportedModelError(
             f"no single final norm found next to the blocks in {type(owner).__name__} (norm-like children: {found or 'none'})"
@@ -563,12 +591,38 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
         raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
     mlp_out = rows(flow.outputs[roles["ln2_post"] or mlp_name])
-    if not _same(mid, x + attn_out) or not _same(flow.outputs[""], mid + mlp_out):
+    total = mid + mlp_out
+    roles["per_layer_out"] = _third_sub_layer(layer, flow, total)
+    if roles["per_layer_out"]:
+        total = total + flow.outputs[roles["per_layer_out"]]
+    roles["layer_scalar"] = _layer_scalar(layer, flow.outputs[""], total)
+    if not _same(mid, x + attn_out) or roles["layer_scalar"] is False:
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + attention output + MLP output "
             "(a multiplier or another sum order)"
         )
     return roles
+
+
+def _third_sub_layer(layer, flow, total):
+    """The child whose output a sub-layer after the MLP adds to resid_mid + mlp_out (Gemma 4's per-layer
+    input: a child reads that sum, a norm gives what is added), or None."""
+    if not any(_same(flow.inputs.get(n), total) for n in layer._modules):
+        return None
+    for name in layer._modules:
+        out = flow.outputs.get(name)
+        if isinstance(out, torch.Tensor) and out.shape == total.shape and _layer_scalar(layer, flow.outputs[""], total + out) is not False:
+            return name
+    return None
+
+
+def _layer_scalar(layer, out, total):
+    """The name of a one-element buffer or parameter of the layer that the block output is resid_mid +
+    mlp_out times (Gemma 4's layer_scalar), None where it is that sum itself, False where it is neither."""
+    for name, tensor in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
+        if tensor.numel() == 1 and tensor.is_floating_point() and _same(out, total * tensor):
+            return name
+    return None if _same(out, total) else False
 
 
 def _post_norm_roles(layer, flow, attn_name, mlp_name):
@@ -590,9 +644,37 @@ def _post_norm_roles(layer, flow, attn_name, mlp_name):
     )
 
 
+def _one_stream(flow, layer, where):
+    """Refuse blocks that read several residual streams stacked on a leading axis (Gemma 3n's AltUp)."""
+    x, embedding = flow.inputs[""], flow.embedding
+    if isinstance(x, torch.Tensor) and isinstance(embedding, torch.Tensor) and x.dim() == embedding.dim() + 1 and x.shape[1:] == embedding.shape:
+        raise UnsupportedModelError(
+            f"{type(layer).__name__} at {where}.0 reads {x.shape[0]} residual streams stacked on a leading axis "
+            "(AltUp), not one: hook_resid_pre and the residual invariants have no single stream to hold"
+        )
+
+
 def _qk_norm_whole(flow, d_head) -> bool:
     """Whether the q norm spans the whole projection before the head split (OLMo2), not one head."""
     return "q_norm" in flow.inputs and flow.inputs["q_norm"].shape[-1] != d_head
+
+
+def _qk_norm_after_rotary(flow, q_path) -> bool:
+    """Whether the q norm reads the rotated q (NanoChat: rotary, then the norm), not q_proj's output."""
+    x, q = flow.inputs.get("q_norm"), flow.outputs.get(q_path)
+    if x is None or q is None:
+        return False
+    heads = q.view(*q.shape[:-1], -1, x.shape[-1])
+    return not any(_same(x, view) for view in (q, heads, heads.transpose(1, 2)))
+
+
+def _v_norm(attn, flow, v_path, attn_name):
+    """The name of a norm that reads the value projection's output split into heads (Gemma 4), or None."""
+    name = next((n for n in V_NORMS if _looks_like_norm(getattr(attn, n, None))), None)
+    x, v = flow.inputs.get(f"{attn_name}.{name}"), flow.outputs.get(v_path)
+    if name is None or x is None or v is None or not _same(x, v.view(x.shape)):
+        return None
+    return name
 
 
 def _qk_norm_heads_first(flow, n_heads) -> bool:

@@ -119,7 +119,12 @@ def _verify(model, input_ids):
             _parallel_block(cfg, cache, b, same, add)
         else:
             same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
-            same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
+            total, spec = cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"], model._tlshim.spec
+            if spec.per_layer_out:  # Gemma 4: a third sub-layer adds after the MLP
+                total = total + cache[f"{b}.hook_per_layer_out"]
+            if spec.layer_scalar:  # Gemma 4: the block output is scaled
+                total = total * getattr(get_path(model, f"{spec.layers}.{i}"), spec.layer_scalar)
+            same(f"{b}.hook_resid_post", "= resid_mid + mlp_out" + (" + per_layer_out" if spec.per_layer_out else "") + (" (times the layer scalar)" if spec.layer_scalar else ""), cache[f"{b}.hook_resid_post"], total)
         scores, pattern = cache[f"{b}.attn.hook_attn_scores"], cache[f"{b}.attn.hook_pattern"]
         sinks = getattr(block.attn, "sinks", None)
         if sinks is not None:  # HOOKS.md: the sink takes the rest of each row's mass
@@ -155,6 +160,9 @@ def _check_qk_norms(same, cache, b, attn, spec):
     for role in ("q", "k"):
         name, path = f"{b}.attn.hook_{role}_normed", getattr(spec, f"{role}_norm")
         if name not in cache or not path:
+            continue
+        if spec.qk_norm_after_rotary:  # the norm reads the rotated q / k: its output enters the kernel
+            same(name, f"equals hook_rot_{role} (the {role} norm follows rotary)", cache[name], cache[f"{b}.attn.hook_rot_{role}"])
             continue
         x, norm = cache[f"{b}.attn.hook_{role}"], get_path(attn, path)
         with torch.no_grad():
