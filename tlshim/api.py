@@ -16,6 +16,7 @@ from .hook_points import Hook, add_scoped, remove_all
 from .saes import SAEMixin
 from .tl_analysis import AnalysisAPI
 from .tl_calls import TLCalls, outside_run, overrides, run
+from .process_weights import ProcessWeightsAPI
 from .tl_hooked_root import HOOKS_LEVEL, HookedRootAPI
 from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, switched_off
 
@@ -61,7 +62,7 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI(TLCalls, AnalysisAPI, HookedRootAPI, SwitchAPI, SAEMixin):
+class ModelAPI(TLCalls, AnalysisAPI, ProcessWeightsAPI, HookedRootAPI, SwitchAPI, SAEMixin):
     #: set on the per-instance class itself, ahead of the HF base class (TL calls beside HF's)
     _tlshim_overrides = staticmethod(overrides)
 

@@ -117,9 +117,6 @@ class HookedRootAPI:
         """The HuggingFace model: tlshim patches it in place, so it is the model itself."""
         return self
 
-    #: TransformerBridge's compatibility mode processes weights; tlshim never rewrites them
-    compatibility_mode = False
-
     @property
     def n_params_total(self) -> int:
         """The number of parameters (tied ones counted once, as ``model.parameters()`` yields them)."""
@@ -305,6 +302,8 @@ class HookedRootAPI:
                    for ln, part, names in (("ln1", "attn", ("Q", "K", "V")), ("ln2", "mlp", ("in", "gate")))]
         for norm, part, names in readers + [("ln_final", "unembed", ("U",))]:
             w, b = sd.pop(f"{norm}.w", None), sd.pop(f"{norm}.b", None)
+            if norm == "ln_final" and w is None:  # TransformerLens leaves W_U alone after a weight-free final norm
+                continue
             for n in names:
                 key, bias = f"{part}.W_{n}", f"{part}.b_{n}"
                 if key not in sd:
