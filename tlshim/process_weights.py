@@ -243,6 +243,10 @@ def set_norm(model, module, w, b, kept):
 
 def process_in_place(model, options: dict, loaded: dict | None = None):
     """Load ``loaded`` (TL-named weights) where given, then process with the resolved ``options``."""
+    unreadable = next((n for n, p in model.named_parameters() if p.device.type == "meta" or not p.is_floating_point()), None)
+    if unreadable:
+        raise ValueError(f"cannot process the weights: {unreadable} is offloaded (meta) or quantized; load the model "
+                         "with its weights in memory, in a float dtype")
     kept = _originals(model)
     try:
         if loaded is not None:
