@@ -104,6 +104,9 @@ def plan_install(model, spec) -> Plan:
     final = plan.site(spec.final_norm, NormSite, spec.norm, None)
     final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", final)
     final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
+    if spec.unembed != spec.embed:  # the output projection's logits (before a soft-cap), TransformerBridge's hook_unembed
+        unembed_site = plan.site(spec.unembed)
+        unembed_site.out_points.append((plan.point("hook_unembed", model, "hook_unembed", unembed_site), None))
 
     plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")

@@ -57,6 +57,19 @@ class HookedRootAPI:
         self.check_hooks_to_add(hook_point, hook_point_name, hook, dir, is_permanent, prepend)
         return hook_point.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
 
+    @property
+    def is_caching(self) -> bool:
+        """Whether model-wide caching hooks (cache_all, cache_some, add_caching_hooks) are attached, until reset_hooks."""
+        points = self._tlshim.hook_dict.values()
+        return any(getattr(hook.fn, "tlshim_caching", False) and not hook.removed for point in points for hook in point._hooks)
+
+    def move_model_modules_to_device(self):
+        """HookedTransformer's: every module onto ``cfg.device`` (where the model's first parameter is)."""
+        if getattr(self, "hf_device_map", None):
+            raise ValueError("this model was placed by accelerate (hf_device_map): its hooks move the weights; "
+                             "moving the modules would break them. Load it without a device_map to move it")
+        self.to(torch.device(self.cfg.device))
+
     def clear_contexts(self):
         """Empty every hook point's ``ctx`` dict."""
         for point in self._tlshim.hook_dict.values():
