@@ -154,3 +154,19 @@ def test_load_and_process_with_the_defaults_equals_loading_then_processing():
     source.process_weights()
     for name, value in source.get_params().items():
         torch.testing.assert_close(loaded.get_params()[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_processed_model_saved_and_loaded_keeps_its_weights_and_still_uninstalls_to_the_original():
+    import io
+
+    model, ids = tlshim.install(build("models", "qwen2")), ids_for("models")
+    original = snapshot(build("models", "qwen2"))
+    model.process_weights()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    copy = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, model(ids).logits)
+    tlshim.uninstall(copy)
+    restored = copy.state_dict()
+    assert sorted(restored) == sorted(original) and all(torch.equal(restored[k], original[k]) for k in original)

@@ -15,7 +15,6 @@ import warnings
 
 import torch
 
-from .journal import Call
 from .spec import get_path, out_width
 
 OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices")
@@ -27,7 +26,8 @@ _TL_BUFFERS = ("IGNORE", "mask", "rotary_sin", "rotary_cos")
 
 
 class Originals:
-    """The parameters processing changed, as they were before the first change; ``restore`` puts them back."""
+    """The parameters processing changed, as they were before the first change; a journal record whose
+    undo (at uninstall, before the rest of tlshim's) puts them back."""
 
     def __init__(self):
         self.kept = []  # (module, name, original Parameter or None where there was none, data copy or None)
@@ -38,6 +38,18 @@ class Originals:
         if (id(module), name) not in self.seen:
             self.seen.add((id(module), name))
             self.kept.append((module, name, param, param.detach().clone() if data and param is not None else None))
+
+    def check(self):
+        pass
+
+    def apply(self):
+        pass
+
+    def conflict(self):
+        return None
+
+    def undo(self):
+        self.restore()
 
     def restore(self):
         with torch.no_grad():
@@ -118,7 +130,7 @@ def _originals(model) -> Originals:
     found = getattr(state, "originals", None)
     if found is None:
         found = state.originals = Originals()
-        state.records.append(Call(lambda: None, found.restore))  # uninstall undoes it first (last in)
+        state.records.append(found)  # uninstall undoes it first (last in)
     return found
 
 
