@@ -82,9 +82,14 @@ def _blocker(model, option) -> str | None:
     spec, cfg = model._tlshim.spec, model.cfg
     if isinstance(cfg.n_heads, (list, tuple)):
         return "its layers have different head counts (per-layer weights); process each layer's weights yourself"
-    if spec.moe is not None and option in ("fold_ln", "center_writing_weights"):
-        return "its experts' weights are not TransformerLens-named weights, so they cannot be folded or centred"
-    if option in ("fold_ln", "fold_value_biases", "refactor_factored_attn_matrices") and _param_of(model, model.blocks[0].attn.W_Q) is None:
+    if option in ("fold_ln", "center_writing_weights"):
+        params = model.get_params()
+        bare = [l for l in range(cfg.n_layers) if not {f"blocks.{l}.attn.W_Q", f"blocks.{l}.mlp.W_in"} <= set(params)]
+        if spec.moe is not None or bare:
+            return (f"block {(bare or [0])[0]}'s mixer or MLP (experts, a state-space mixer) has no TransformerLens-named "
+                    "weights, so what reads its norm or writes its output cannot be folded or centred")
+    attn = next((a for block in model.blocks if (a := getattr(block, "attn", None)) is not None), None)
+    if option in ("fold_ln", "fold_value_biases", "refactor_factored_attn_matrices") and attn is not None and _param_of(model, attn.W_Q) is None:
         return "its q/k/v weights are interleaved per head in one projection, which tlshim reads as a copy"
     if option == "fold_ln" and (spec.ln1 is None or spec.ln2 is None):
         return "its blocks have no pre-norms (post-norm only): nothing reads a norm's output linearly"
