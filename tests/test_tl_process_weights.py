@@ -28,16 +28,24 @@ NAMES = ("W_Q", "W_K", "W_O", "W_in", "W_E", "W_U", "b_U", "b_Q", "b_V", "b_O", 
 LOGITS_ATOL = {"olmo": 2e-4}
 
 
-@pytest.mark.parametrize("kind,arch", CASES)
-def test_processed_weights_and_logits_equal_the_bridges_in_compatibility_mode(kind, arch, tmp_path, monkeypatch):
+def twins(kind, arch, tmp_path, monkeypatch):
+    """(installed model, TransformerBridge on a twin with the same weights, token ids): tests/models.py's
+    fixtures (kind "models") or tests/tiny.py's."""
     build, tokens = (models.build, models.tokens) if kind == "models" else (tiny.build, tiny.tokens)
     if kind == "models":
         models.require(arch)
-    model = tlshim.install(build(arch))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # the bridge may pip-install torchvision while booting (TESTING.md)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = bridge_module.TransformerBridge.boot_transformers(arch, hf_model=build(arch), tokenizer=word_tokenizer(tmp_path), device="cpu")
+    return tlshim.install(build(arch)), bridge, tokens()
+
+
+@pytest.mark.parametrize("kind,arch", CASES)
+def test_processed_weights_and_logits_equal_the_bridges_in_compatibility_mode(kind, arch, tmp_path, monkeypatch):
+    model, bridge, ids = twins(kind, arch, tmp_path, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         bridge.enable_compatibility_mode()
         model.enable_compatibility_mode()
     compared = []
@@ -49,7 +57,6 @@ def test_processed_weights_and_logits_equal_the_bridges_in_compatibility_mode(ki
         torch.testing.assert_close(getattr(model, name), theirs.detach(), rtol=0, atol=1e-6, msg=name)
         compared.append(name)
     assert {"W_Q", "W_K", "W_O", "W_in", "W_E", "W_U", "b_U"} <= set(compared), compared
-    ids = tokens()
     with torch.no_grad():
         ours, theirs = model(ids, return_type="logits"), bridge(ids, return_type="logits")
     torch.testing.assert_close(ours, theirs, rtol=0, atol=LOGITS_ATOL.get(arch, 2e-5))
