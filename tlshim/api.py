@@ -13,10 +13,10 @@ import torch
 from .activation_cache import ActivationCache
 from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
+from .process_weights import ProcessWeightsAPI
 from .saes import SAEMixin
 from .tl_analysis import AnalysisAPI
 from .tl_calls import TLCalls, outside_run, overrides, run
-from .process_weights import ProcessWeightsAPI
 from .tl_hooked_root import HOOKS_LEVEL, HookedRootAPI
 from .tl_switches import SwitchAPI, canonical, check_named, default_cache_filter, switched_off
 

@@ -277,7 +277,8 @@ def process_in_place(model, options: dict, loaded: dict | None = None):
     except Exception as err:
         kept.restore()
         model._tlshim.processed = None
-        raise type(err)(f"{err} (the model's weights are back as they were before any processing)") from err
+        err.add_note("tlshim: the model's weights are back as they were before any processing")
+        raise
 
 
 def load(model, state_dict: dict, kept: Originals):
@@ -310,13 +311,13 @@ class ProcessWeightsAPI:
                         fold_value_biases=None, refactor_factored_attn_matrices=False):
         """TransformerBridge's ``process_weights``, in place on the model's own parameters (see the README);
         an option left None runs where this model allows it, as TransformerLens's default True does."""
-        requested = dict(zip(OPTIONS, (fold_ln, center_writing_weights, center_unembed, fold_value_biases,
-                                        refactor_factored_attn_matrices)))
-        options = resolve(self, requested)
         if getattr(self._tlshim, "processed", None) is not None:
             warnings.warn(f"process_weights already ran on this model ({self._tlshim.processed}); skipping it "
                           "(tlshim.uninstall gives the original weights back)", stacklevel=2)
             return
+        requested = dict(zip(OPTIONS, (fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+                                        refactor_factored_attn_matrices)))
+        options = resolve(self, requested)
         process_in_place(self, options)
         self._tlshim.processed = {k: v for k, v in options.items() if v}
         if verbose:
