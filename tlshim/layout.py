@@ -6,6 +6,7 @@ Nothing here touches the model; ``install`` applies the records afterwards, all 
 from __future__ import annotations
 
 import functools
+import weakref
 
 from . import family_moe
 from . import family_parallel as parallel
@@ -106,6 +107,8 @@ def plan_install(model, spec) -> Plan:
     final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
     if spec.unembed != spec.embed:  # the output projection's logits (before a soft-cap), TransformerBridge's hook_unembed
         unembed_site = plan.site(spec.unembed)
+        root = weakref.ref(model)  # lm_head's parent is the model: a strong reference there would be a cycle
+        unembed_site.locate = lambda: get_path(root(), spec.unembed)
         unembed_site.out_points.append((plan.point("hook_unembed", model, "hook_unembed", unembed_site), None))
 
     plan.alias(model, "blocks", Blocks(layers, model), "model")
