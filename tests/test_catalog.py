@@ -31,7 +31,8 @@ def shapes(model, batch, pos):
         "hook_attn_in": (batch, pos, h, d), "hook_q_input": (batch, pos, h, d), "hook_k_input": (batch, pos, g, d),
         "hook_v_input": (batch, pos, g, d), "hook_mlp_in": (batch, pos, d),
     }
-    out = {"hook_embed": (batch, pos, d), "ln_final.hook_scale": (batch, pos, 1), "ln_final.hook_normalized": (batch, pos, d)}
+    out = {"hook_embed": (batch, pos, d), "ln_final.hook_scale": (batch, pos, 1), "ln_final.hook_normalized": (batch, pos, d),
+           "hook_unembed": (batch, pos, v)}
     for i in range(cfg.n_layers):
         out.update({f"blocks.{i}.{k}": s for k, s in per_block.items()})
     return out

@@ -13,6 +13,7 @@ import torch
 from .activation_cache import ActivationCache
 from .errors import unknown_hook_name
 from .hook_points import Hook, add_scoped, remove_all
+from .process_weights import ProcessWeightsAPI
 from .saes import SAEMixin
 from .tl_analysis import AnalysisAPI
 from .tl_calls import TLCalls, outside_run, overrides, run
@@ -61,7 +62,7 @@ def _stacked(part, name):
     return property(lambda self: _stack(self.blocks, part, name), doc=f"{name} of every layer, stacked")
 
 
-class ModelAPI(TLCalls, AnalysisAPI, HookedRootAPI, SwitchAPI, SAEMixin):
+class ModelAPI(TLCalls, AnalysisAPI, ProcessWeightsAPI, HookedRootAPI, SwitchAPI, SAEMixin):
     #: set on the per-instance class itself, ahead of the HF base class (TL calls beside HF's)
     _tlshim_overrides = staticmethod(overrides)
 

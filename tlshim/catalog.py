@@ -50,4 +50,5 @@ def expected_names(spec, n_layers: int) -> set:
         block.append("attn.hook_q_normed")
     if spec.k_norm:
         block.append("attn.hook_k_normed")
-    return set(MODEL_NAMES) | {f"blocks.{i}.{name}" for i in range(n_layers) for name in block}
+    model = [*MODEL_NAMES, "hook_unembed"] if spec.unembed != spec.embed else MODEL_NAMES
+    return set(model) | {f"blocks.{i}.{name}" for i in range(n_layers) for name in block}

@@ -6,6 +6,7 @@ Nothing here touches the model; ``install`` applies the records afterwards, all 
 from __future__ import annotations
 
 import functools
+import weakref
 
 from . import attention_output, family_moe, shared_norm
 from . import family_parallel as parallel
@@ -108,6 +109,11 @@ def plan_install(model, spec) -> Plan:
     final = final_sites[0]
     final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", *final_sites)
     final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", *final_sites), None))
+    if spec.unembed != spec.embed:  # the output projection's logits (before a soft-cap), TransformerBridge's hook_unembed
+        unembed_site = plan.site(spec.unembed)
+        root = weakref.ref(model)  # lm_head's parent is the model: a strong reference there would be a cycle
+        unembed_site.locate = lambda: get_path(root(), spec.unembed)
+        unembed_site.out_points.append((plan.point("hook_unembed", model, "hook_unembed", unembed_site), None))
 
     plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")

@@ -137,6 +137,7 @@ class AnalysisAPI:
                     value = _apply_slice(value, pos_slice, pos_dim)
                 cache[hook.name + suffix] = value if device is None else value.to(device)
 
+            save.tlshim_caching = True  # is_caching: a caching hook is attached model-wide
             return save
 
         names = [point.name for point in self._points(accept)]  # switched-off names skipped, as a filter does

@@ -57,6 +57,19 @@ class HookedRootAPI:
         self.check_hooks_to_add(hook_point, hook_point_name, hook, dir, is_permanent, prepend)
         return hook_point.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
 
+    @property
+    def is_caching(self) -> bool:
+        """Whether model-wide caching hooks (cache_all, cache_some, add_caching_hooks) are attached, until reset_hooks."""
+        points = self._tlshim.hook_dict.values()
+        return any(getattr(hook.fn, "tlshim_caching", False) and not hook.removed for point in points for hook in point._hooks)
+
+    def move_model_modules_to_device(self):
+        """HookedTransformer's: every module onto ``cfg.device`` (where the model's first parameter is)."""
+        if getattr(self, "hf_device_map", None):
+            raise ValueError("this model was placed by accelerate (hf_device_map): its hooks move the weights; "
+                             "moving the modules would break them. Load it without a device_map to move it")
+        self.to(torch.device(self.cfg.device))
+
     def clear_contexts(self):
         """Empty every hook point's ``ctx`` dict."""
         for point in self._tlshim.hook_dict.values():
@@ -116,9 +129,6 @@ class HookedRootAPI:
     def original_model(self):
         """The HuggingFace model: tlshim patches it in place, so it is the model itself."""
         return self
-
-    #: TransformerBridge's compatibility mode processes weights; tlshim never rewrites them
-    compatibility_mode = False
 
     @property
     def n_params_total(self) -> int:
@@ -305,6 +315,8 @@ class HookedRootAPI:
                    for ln, part, names in (("ln1", "attn", ("Q", "K", "V")), ("ln2", "mlp", ("in", "gate")))]
         for norm, part, names in readers + [("ln_final", "unembed", ("U",))]:
             w, b = sd.pop(f"{norm}.w", None), sd.pop(f"{norm}.b", None)
+            if norm == "ln_final" and w is None:  # TransformerLens leaves W_U alone after a weight-free final norm
+                continue
             for n in names:
                 key, bias = f"{part}.W_{n}", f"{part}.b_{n}"
                 if key not in sd:

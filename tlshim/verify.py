@@ -209,6 +209,8 @@ def _at(value, i):
 def _shape(cfg, name, batch, pos):
     """The documented shape of ``name`` (HOOKS.md), for a forward without cache."""
     d = cfg.d_model
+    if name == "hook_unembed":
+        return (batch, pos, cfg.d_vocab_out)
     if not name.startswith("blocks."):
         return (batch, pos, 1) if name.endswith("hook_scale") else (batch, pos, d)
     i, rest = int(name.split(".")[1]), name.split(".", 2)[2]
