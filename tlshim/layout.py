@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from . import family_moe
+from . import family_mla, family_moe
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -136,8 +136,11 @@ def _plan_layer(plan: Plan, i: int):
     if ln1:
         aliases["ln1"] = ln1.module
 
-    qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
-    _plan_projections(plan, qkv, base, block, attn, "attn")
+    if spec.mla is not None:
+        family_mla.plan_qkv(plan, spec, base, block, attn)
+    else:
+        qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
+        _plan_projections(plan, qkv, base, block, attn, "attn")
     for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")
         if norm_path:

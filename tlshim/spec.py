@@ -160,6 +160,8 @@ class ArchSpec:
     tl_config: object = llama_family_cfg
     #: the mixture-of-experts layout of the blocks that have one (family_moe.MoeSpec), else None
     moe: object = None
+    #: the multi-head latent attention layout (family_mla.MlaSpec), else None
+    mla: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
 
