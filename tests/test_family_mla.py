@@ -1,0 +1,245 @@
+"""Multi-head latent attention (tlshim/family_mla.py): the latents, hook_q / hook_k / hook_v and the kernel's
+rot_q / rot_k, each edit against the same edit made by hand on a plain twin, bit for bit; the KV cache of
+latents; DeepSeek-V3.2's sparse indexer; W_Q where q is one linear map and the error elsewhere; cfg."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import CONFIG_MAPPING
+
+import tlshim
+from tlshim.errors import HookOutputError, UnsupportedModelError
+
+from tiny import build, tokens
+
+#: q through q_a_proj -> q_a_layernorm -> q_b_proj; sarvam_mla has q_proj (no low rank)
+TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "minicpm3", "sarvam_mla")
+#: widths that differ from each other, so a head or part split in the wrong place shows
+WIDTHS = dict(qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, head_dim=4)  # head_dim: what the rotary tables are built for
+NOPE, ROPE, V = 8, 4, 6
+
+
+def _pair(model_type, **fields):
+    """(installed model, plain twin) of the same weights."""
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no {model_type}")
+    model, twin = build(model_type, **WIDTHS, **fields), build(model_type, **WIDTHS, **fields)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tlshim.install(model)
+        except UnsupportedModelError as err:
+            if "residual stream" in str(err):  # MiniCPM3's scaled residual: another family's
+                pytest.skip(f"{model_type}: {err}")
+            raise
+    return model, twin
+
+
+@pytest.fixture(params=("deepseek_v3", "sarvam_mla"))
+def pair(request):
+    model, twin = _pair(request.param)
+    yield model, twin
+    tlshim.uninstall(model)
+
+
+def _attn(model):
+    return model.model.layers[0].self_attn
+
+
+def _by_hand(twin, module, edit, ids):
+    """The twin's logits with ``edit`` applied to ``module``'s output."""
+    handle = module.register_forward_hook(lambda m, args, out: edit(out))
+    try:
+        with torch.no_grad():
+            return twin(input_ids=ids, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
+def _hooked(model, name, fn, ids):
+    with torch.no_grad():
+        return model.run_with_hooks(ids, fwd_hooks=[(name, fn)], use_cache=False)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_verify_holds(model_type):
+    model, _ = _pair(model_type, first_k_dense_replace=1)  # block 0 dense, block 1 a mixture where the type has one
+    report = tlshim.verify(model, tokens())
+    assert report.ok, str(report)
+    assert model.blocks[0].attn.hook_q.name == "blocks.0.attn.hook_q"
+
+
+def test_shapes_and_cfg(pair):
+    model, _ = pair
+    _, cache = model.run_with_cache(tokens(), use_cache=False)
+    h, b, p = model.cfg.n_heads, 2, 12
+    assert (model.cfg.d_head, model.cfg.d_head_qk, model.cfg.rotary_dim, model.cfg.kv_lora_rank) == (V, NOPE + ROPE, ROPE, 32)
+    for name, shape in {
+        "q": (b, p, h, NOPE + ROPE), "k": (b, p, h, NOPE + ROPE), "v": (b, p, h, V), "rot_q": (b, p, h, NOPE + ROPE),
+        "rot_k": (b, p, h, NOPE + ROPE), "z": (b, p, h, V), "kv_latent": (b, p, 32),
+    }.items():
+        assert cache[f"blocks.0.attn.hook_{name}"].shape == shape, name
+    low_rank = _attn(model).q_lora_rank is not None
+    assert ("blocks.0.attn.hook_q_latent" in cache) == low_rank
+    assert model.cfg.q_lora_rank == (32 if low_rank else None)
+
+
+def test_hook_k_holds_k_nope_and_the_unrotated_k_pe(pair):
+    model, twin = pair
+    attn = _attn(twin)
+    seen = {}
+    handles = [attn.kv_a_proj_with_mqa.register_forward_hook(lambda m, a, out: seen.setdefault("a", out)),
+               attn.kv_b_proj.register_forward_hook(lambda m, a, out: seen.setdefault("b", out))]
+    with torch.no_grad():
+        twin(input_ids=tokens(), use_cache=False)
+    for handle in handles:
+        handle.remove()
+    _, cache = model.run_with_cache(tokens(), use_cache=False)
+    k, h = cache["blocks.0.attn.hook_k"], model.cfg.n_heads
+    k_pe = seen["a"][..., 32:]
+    assert torch.equal(k[..., NOPE:], k_pe[:, :, None].expand(-1, -1, h, -1))
+    per_head = seen["b"].reshape(2, 12, h, NOPE + V)
+    assert torch.equal(k[..., :NOPE], per_head[..., :NOPE])
+    assert torch.equal(cache["blocks.0.attn.hook_v"], per_head[..., NOPE:])
+    assert not torch.equal(cache["blocks.0.attn.hook_rot_k"][..., NOPE:], k[..., NOPE:])  # rotary turned k_pe
+
+
+def _scale_head(head, factor, part=slice(None)):
+    def fn(x, hook=None):
+        x = x.clone()
+        x[:, :, head, part] = x[:, :, head, part] * factor
+        return x
+
+    return fn
+
+
+def _edit_heads(width, fn, h):
+    """An edit of a (..., h * width) projection output, through its (..., h, width) view."""
+    return lambda out: fn(out.reshape(*out.shape[:-1], h, width)).reshape(out.shape)
+
+
+def test_hook_q_edit_equals_the_edit_by_hand(pair):
+    model, twin = pair
+    attn, h = _attn(twin), model.cfg.n_heads
+    q = attn.q_b_proj if attn.q_lora_rank is not None else attn.q_proj
+    ids = tokens()
+    edited = _hooked(model, "blocks.0.attn.hook_q", _scale_head(1, 3.0), ids)
+    assert torch.equal(edited, _by_hand(twin, q, _edit_heads(NOPE + ROPE, _scale_head(1, 3.0), h), ids))
+    with torch.no_grad():
+        assert not torch.equal(edited, twin(input_ids=ids, use_cache=False).logits)
+
+
+def test_hook_v_and_k_nope_edits_equal_the_edit_by_hand(pair):
+    model, twin = pair
+    attn, h, ids = _attn(twin), model.cfg.n_heads, tokens()
+
+    def by_hand(fn):
+        # kv_b_proj's output is (b, 1, pos, h * (nope + v)) on 5.x, (b, pos, ...) before: edit through a (b, pos, h, .) view
+        return _by_hand(twin, attn.kv_b_proj, lambda out: fn(out.reshape(2, 12, h, NOPE + V)).reshape(out.shape), ids)
+
+    edited_v = _hooked(model, "blocks.0.attn.hook_v", _scale_head(2, 0.0), ids)
+    assert torch.equal(edited_v, by_hand(_scale_head(2, 0.0, slice(NOPE, None))))
+    edited_k = _hooked(model, "blocks.0.attn.hook_k", _scale_head(0, -2.0, slice(0, NOPE)), ids)
+    assert torch.equal(edited_k, by_hand(_scale_head(0, -2.0, slice(0, NOPE))))
+    assert not torch.equal(edited_k, edited_v)
+
+
+def test_an_edit_of_k_pe_in_hook_k_raises_naming_hook_rot_k(pair):
+    model, _ = pair
+    with pytest.raises(HookOutputError, match="k_pe.*hook_rot_k"):
+        _hooked(model, "blocks.0.attn.hook_k", _scale_head(0, 2.0), tokens())
+
+
+def test_latent_edits_equal_the_edit_by_hand(pair):
+    model, twin = pair
+    attn, ids = _attn(twin), tokens()
+    double = lambda x, hook=None: x * 2  # noqa: E731
+    assert torch.equal(_hooked(model, "blocks.0.attn.hook_kv_latent", double, ids), _by_hand(twin, attn.kv_a_layernorm, double, ids))
+    if attn.q_lora_rank is not None:
+        assert torch.equal(_hooked(model, "blocks.0.attn.hook_q_latent", double, ids), _by_hand(twin, attn.q_a_layernorm, double, ids))
+
+
+def test_rot_k_edit_equals_the_edit_of_the_kernels_keys_by_hand(pair):
+    model, twin = pair
+    attn, ids = _attn(twin), tokens()
+    expand_kv = attn.expand_kv
+
+    def edited_keys(*args):
+        key, value = expand_kv(*args)  # (b, h, pos, e_qk)
+        key = key.clone()
+        key[:, 1, :, NOPE:] = 0
+        return key, value
+
+    attn.expand_kv = edited_keys
+    try:
+        with torch.no_grad():
+            by_hand = twin(input_ids=ids, use_cache=False).logits
+    finally:
+        del attn.expand_kv
+    assert torch.equal(_hooked(model, "blocks.0.attn.hook_rot_k", _scale_head(1, 0.0, slice(NOPE, None)), ids), by_hand)
+
+
+def test_with_a_kv_cache_of_latents_the_hooks_see_the_new_positions(pair):
+    model, twin = pair
+    attn, h, ids = _attn(twin), model.cfg.n_heads, tokens()
+    shapes = {}
+
+    def record(x, hook):
+        shapes[hook.name.split(".")[-1]] = tuple(x.shape)
+
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        names = ("hook_k", "hook_v", "hook_rot_k", "hook_rot_q")
+        step = model.run_with_hooks(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True,
+                                    fwd_hooks=[(f"blocks.0.attn.{n}", record) for n in names] + [("blocks.0.attn.hook_v", _scale_head(3, 0.0))])
+        plain = twin(input_ids=ids[:, :-1], use_cache=True)
+
+        def zero_new_v(out):
+            heads = out.reshape(2, out.shape[-2], h, NOPE + V).clone()
+            heads[:, -1, 3, NOPE:] = 0
+            return heads.reshape(out.shape)
+
+        handle = attn.kv_b_proj.register_forward_hook(lambda m, a, out: zero_new_v(out))
+        try:
+            by_hand = twin(input_ids=ids[:, -1:], past_key_values=plain.past_key_values, use_cache=True).logits
+        finally:
+            handle.remove()
+    assert shapes == {"hook_k": (2, 1, h, NOPE + ROPE), "hook_v": (2, 1, h, V), "hook_rot_k": (2, 1, h, NOPE + ROPE), "hook_rot_q": (2, 1, h, NOPE + ROPE)}
+    assert torch.equal(step, by_hand)
+
+
+def test_weights(pair):
+    model, _ = pair
+    attn, h = model.blocks[0].attn, model.cfg.n_heads
+    assert attn.W_O.shape == (h, V, model.cfg.d_model)
+    assert torch.equal(attn.W_O, attn.o_proj.weight.T.reshape(h, V, -1))
+    if attn.q_lora_rank is None:
+        assert torch.equal(attn.W_Q, attn.q_proj.weight.view(h, NOPE + ROPE, -1).transpose(1, 2))
+    else:
+        with pytest.raises(UnsupportedModelError, match="q_a_proj -> q_a_layernorm -> q_b_proj"):
+            attn.W_Q
+    for name in ("W_K", "W_V", "b_V"):
+        with pytest.raises(UnsupportedModelError, match="kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj"):
+            getattr(attn, name)
+
+
+def test_an_idle_install_wraps_nothing(pair):
+    model, twin = pair
+    attn = _attn(model)
+    assert all("forward" not in vars(m) for m in attn.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens(), use_cache=False).logits, twin(input_ids=tokens(), use_cache=False).logits)
+
+
+@pytest.mark.parametrize("model_type", ("deepseek_v32", "glm_moe_dsa"))
+def test_the_sparse_indexer_masks_hook_pattern_as_the_model_does(model_type):
+    model, twin = _pair(model_type, index_topk=4)  # 12 positions, each query sees its 4 picked keys
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens(), use_cache=False)
+        native = twin(input_ids=tokens(), use_cache=False).logits
+    assert torch.equal(logits, native)
+    seen = (cache["blocks.0.attn.hook_pattern"] > 0).sum(-1)
+    assert seen.max() == 4 and seen[..., :4].tolist() == [[[1, 2, 3, 4]] * model.cfg.n_heads] * 2
