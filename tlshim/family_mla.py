@@ -33,6 +33,12 @@ Q_DIRECT = ("q_proj",)
 Q_LOW_RANK = ("q_a_proj", "q_a_layernorm", "q_b_proj")
 KV = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
 OUT = "o_proj"
+#: parts of an MLA attention whose hooks would not hold what their names say (name: what it is)
+UNSERVED = {
+    "g_proj": "a per-head sigmoid gate on the kernel output before o_proj (Dots3), so hook_z is not pattern @ v",
+    "q_gate_proj": "q fused with an output gate (AXK2), so hook_z is not pattern @ v",
+    "k_rope_only_layernorm": "a norm on k_pe before rotary (Dots3)",
+}
 #: {MlaAttnSite: _MlaCall} of the MLA attention forwards running in this thread / task
 _CALLS: contextvars.ContextVar = contextvars.ContextVar("tlshim_mla_calls", default={})
 
@@ -75,6 +81,9 @@ def detect(attn, config) -> MlaSpec | None:
     kv_a, kv_a_norm, kv_b = KV
     if not (_linear(attn, kv_a) and _linear(attn, kv_b) and isinstance(getattr(attn, kv_a_norm, None), nn.Module)):
         return None
+    found = [part for part in UNSERVED if isinstance(getattr(attn, part, None), nn.Module)]
+    if found:
+        raise UnsupportedModelError(f"{type(attn).__name__} is multi-head latent attention with {UNSERVED[found[0]]}: not served yet")
     low_rank = _linear(attn, Q_LOW_RANK[0]) and _linear(attn, Q_LOW_RANK[2])
     if not (low_rank or _linear(attn, Q_DIRECT[0])) or not _linear(attn, OUT):
         raise UnsupportedModelError(
