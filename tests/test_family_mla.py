@@ -19,11 +19,14 @@ from tlshim.errors import HookOutputError, UnsupportedModelError
 from tiny import build, tokens
 
 #: q through q_a_proj -> q_a_layernorm -> q_b_proj; sarvam_mla has q_proj (no low rank)
-TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "minicpm3", "sarvam_mla")
+TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "sarvam_mla")
 #: widths that differ from each other, so a head or part split in the wrong place shows
 #: (set after the config is built: the fields it derives from them too; head_dim is what the rotary tables are
-#: built for); every block dense, as the MoE blocks of transformers 4.x are not served (see the MoE test)
-WIDTHS = dict(qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, qk_head_dim=12, head_dim=4, first_k_dense_replace=2)
+#: built for); every block dense (GLM's mlp_layer_types), as family_moe serves DeepSeek's router from 5.2x on only
+DENSE = dict(first_k_dense_replace=2, mlp_layer_types=["dense", "dense"])
+WIDTHS = dict(qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, qk_head_dim=12, head_dim=4, **DENSE)
+#: the first version whose DeepSeek router family_moe serves (it returns (logits, weights, indices) there)
+MOE_SERVED = Version("5.23")
 NOPE, ROPE, V = 8, 4, 6
 
 
@@ -34,18 +37,13 @@ def _pair(model_type, **fields):
     model, twin = build(model_type, **{**WIDTHS, **fields}), build(model_type, **{**WIDTHS, **fields})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            tlshim.install(model)
-        except UnsupportedModelError as err:
-            if "residual stream" in str(err):  # MiniCPM3's scaled residual: another family's
-                pytest.skip(f"{model_type}: {err}")
-            raise
+        tlshim.install(model)
     return model, twin
 
 
-@pytest.fixture(params=("deepseek_v3", "sarvam_mla"))
+@pytest.fixture(params=({}, {"q_lora_rank": None}), ids=("low_rank_q", "q_proj"))
 def pair(request):
-    model, twin = _pair(request.param)
+    model, twin = _pair("deepseek_v3", **request.param)
     yield model, twin
     tlshim.uninstall(model)
 
@@ -79,12 +77,14 @@ def test_verify_holds(model_type):
 
 @pytest.mark.parametrize("model_type", ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"))
 def test_moe_blocks_after_the_dense_ones(model_type):
-    if Version(transformers.__version__) < Version("5"):
-        # DeepSeek's router of 4.x returns (indices, weights) to a loop over a ModuleList: family_moe has no such layout
-        with pytest.raises(UnsupportedModelError, match="router"):
-            _pair(model_type, first_k_dense_replace=1)
+    moe = dict(first_k_dense_replace=1, mlp_layer_types=["dense", "sparse"])
+    if Version(transformers.__version__) < MOE_SERVED:
+        # before, DeepSeek's router returns (indices, weights) or the logits alone, the routing done in the block:
+        # family_moe has no such layout yet, and says so
+        with pytest.raises(UnsupportedModelError, match="router of"):
+            _pair(model_type, **moe)
         return
-    model, _ = _pair(model_type, first_k_dense_replace=1)
+    model, _ = _pair(model_type, **moe)
     assert "blocks.0.mlp.hook_pre" in model.hook_dict and "blocks.0.mlp.hook_router_logits" not in model.hook_dict
     assert "blocks.1.mlp.hook_router_logits" in model.hook_dict and "blocks.1.mlp.hook_pre" not in model.hook_dict
     report = tlshim.verify(model, tokens())
@@ -262,3 +262,15 @@ def test_the_sparse_indexer_masks_hook_pattern_as_the_model_does(model_type):
     assert torch.equal(logits, native)
     seen = (cache["blocks.0.attn.hook_pattern"] > 0).sum(-1)
     assert seen.max() == 4 and seen[..., :4].tolist() == [[[1, 2, 3, 4]] * model.cfg.n_heads] * 2
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("minicpm3", "the residual stream is not block input \\+ attention output"),  # its scale_depth multiplier
+    ("axk2", "q fused with an output gate"),
+    ("dots3_note_text", "a per-head sigmoid gate"),
+])
+def test_what_is_not_served_is_refused_with_the_reason(model_type, reason):
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no {model_type}")
+    with pytest.raises(UnsupportedModelError, match=reason):
+        tlshim.install(build(model_type))
