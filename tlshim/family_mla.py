@@ -72,6 +72,11 @@ class MlaSpec:
         return dict(d_head=self.v, d_head_qk=self.qk, rotary_dim=self.rope, q_lora_rank=self.q_rank, kv_lora_rank=self.kv_rank)
 
 
+def describe(mla) -> str:
+    q = f"{mla.q_a} -> {mla.q_a_norm} -> {mla.q}" if mla.q_a else mla.q
+    return f"multi-head latent attention: q {q}, kv {mla.kv_a} -> {mla.kv_a_norm} -> {mla.kv_b}, out {mla.o}"
+
+
 def _linear(attn, name):
     return isinstance(getattr(attn, name, None), nn.Linear)
 

@@ -171,8 +171,9 @@ def describe(spec) -> str:
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
     if spec.moe:
         mlp = family_moe.describe(spec.moe) + f" (dense blocks: {mlp})"
+    projections = family_mla.describe(spec.mla) if spec.mla else f"{spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}"
     return (
-        f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
+        f"blocks at {spec.layers}, attention {spec.attn} ({projections}), "
         f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
         f"({spec.norm.tl_type}), final norm {spec.final_norm}"
     )
