@@ -33,9 +33,9 @@ def test_the_shared_quantities_hold_the_bridges_values(model_type, tmp_path, mon
         warnings.simplefilter("ignore")
         model = tlshim.install(build(model_type))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # the bridge may pip-install torchvision while booting (TESTING.md)
-    bridge = bridge_module.TransformerBridge.boot_transformers(
-        model_type, hf_model=build(model_type), tokenizer=word_tokenizer(tmp_path), device="cpu"
-    )
+    twin = build(model_type)
+    twin.config.architectures = [type(twin).__name__]  # the bridge picks its adapter by class name
+    bridge = bridge_module.TransformerBridge.boot_transformers(model_type, hf_model=twin, tokenizer=word_tokenizer(tmp_path), device="cpu")
     with torch.no_grad():
         _, ours = model.run_with_cache(tokens(), use_cache=False)
         _, theirs = bridge.run_with_cache(tokens(), use_cache=False)
