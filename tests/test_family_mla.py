@@ -274,3 +274,20 @@ def test_what_is_not_served_is_refused_with_the_reason(model_type, reason):
         pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no {model_type}")
     with pytest.raises(UnsupportedModelError, match=reason):
         tlshim.install(build(model_type))
+
+
+def test_backward_hooks_of_hook_k_and_hook_v_get_the_gradient_of_what_the_model_reads(pair):
+    model, twin = pair
+    attn, h, ids = _attn(twin), model.cfg.n_heads, tokens()
+    kept = {}
+    handle = attn.kv_b_proj.register_forward_hook(lambda m, a, out: kept.setdefault("out", out).retain_grad())
+    try:
+        twin(input_ids=ids, use_cache=False).logits.square().sum().backward()
+    finally:
+        handle.remove()
+    want = kept["out"].grad.reshape(2, 12, h, NOPE + V)
+    got = {}
+    with model.hooks(bwd_hooks=[(f"blocks.0.attn.hook_{n}", lambda g, hook: got.setdefault(hook.name[-1], g)) for n in "kv"]):
+        model(input_ids=ids, use_cache=False).logits.square().sum().backward()
+    assert torch.equal(got["v"], want[..., NOPE:])
+    assert torch.equal(got["k"][..., :NOPE], want[..., :NOPE]) and not got["k"][..., NOPE:].any()  # k_pe's part: unused

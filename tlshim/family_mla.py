@@ -25,7 +25,7 @@ from torch import nn
 
 from .attention import AttnSite
 from .errors import HookOutputError, UnsupportedModelError
-from .sites import Site, first_input
+from .sites import Site, first_input, needs_grad_link
 from .spec import get_path, linear_params
 
 #: the module names of one MLA attention: q direct, q low rank, the kv path (data, tried in order)
@@ -205,22 +205,24 @@ class KvUpSite(Site):
         heads = y.reshape(y.shape[0], y.shape[-2], mla.n_heads, mla.nope + mla.v)  # (b, k, h, nope + v); 4.x: no axis 1
         n_new = call.n_new if call is not None else heads.shape[1]
         k_nope, v = heads[:, -n_new:].split([mla.nope, mla.v], dim=-1)
-        new_k_nope, new_v = k_nope, v
+        new_k_nope, new_v, rebuild = k_nope, v, False
         if self.k_point.active:
             k_pe = call.k_pe.view(*k_nope.shape[:2], 1, mla.rope).expand(*k_nope.shape[:3], mla.rope)
             k = torch.cat([k_nope, k_pe], dim=-1)
             edited = self.k_point.fire(k)
-            if edited is not k:
-                if not torch.equal(edited[..., mla.nope :], k_pe):
-                    raise HookOutputError(
-                        f"{self.k_point.name}: an edit changed the k_pe part (the last {mla.rope} values of each head), "
-                        f"which MLA computes once for all heads and rotates before {mla.kv_b} runs; edit the first "
-                        f"{mla.nope} values (k_nope) here, or hook_rot_k (the keys entering the kernel) for per-head keys"
-                    )
-                new_k_nope = edited[..., : mla.nope]
+            if edited is not k and not torch.equal(edited[..., mla.nope :], k_pe):
+                raise HookOutputError(
+                    f"{self.k_point.name}: an edit changed the k_pe part (the last {mla.rope} values of each head), "
+                    f"which MLA computes once for all heads and rotates before {mla.kv_b} runs; edit the first "
+                    f"{mla.nope} values (k_nope) here, or hook_rot_k (the keys entering the kernel) for per-head keys"
+                )
+            # a backward hook gets its gradient through what flows on (the k_pe part's is zero: it is not used)
+            if edited is not k or needs_grad_link(self.k_point):
+                new_k_nope, rebuild = edited[..., : mla.nope], True
         if self.v_point.active:
             new_v = self.v_point.fire(v)
-        if new_k_nope is k_nope and new_v is v:
+            rebuild = rebuild or new_v is not v or needs_grad_link(self.v_point)
+        if not rebuild:
             return y
         new = torch.cat([new_k_nope, new_v], dim=-1)
         heads = new if n_new == heads.shape[1] else torch.cat([heads[:, :-n_new], new], dim=1)
