@@ -14,6 +14,7 @@ from packaging.version import Version
 from transformers import CONFIG_MAPPING
 
 import tlshim
+from tlshim.catalog import expected_names
 from tlshim.errors import HookOutputError, UnsupportedModelError
 
 from tiny import build, tokens
@@ -72,7 +73,8 @@ def test_verify_holds(model_type):
     model, _ = _pair(model_type)
     report = tlshim.verify(model, tokens())
     assert report.ok, str(report)
-    assert model.blocks[0].attn.hook_q.name == "blocks.0.attn.hook_q"
+    assert set(model.hook_dict) == expected_names(model._tlshim.spec, model.cfg.n_layers)
+    assert "blocks.1.attn.hook_kv_latent" in model.hook_dict and "blocks.0.hook_q_input" not in model.hook_dict
 
 
 @pytest.mark.parametrize("model_type", ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"))
@@ -291,3 +293,18 @@ def test_backward_hooks_of_hook_k_and_hook_v_get_the_gradient_of_what_the_model_
         model(input_ids=ids, use_cache=False).logits.square().sum().backward()
     assert torch.equal(got["v"], want[..., NOPE:])
     assert torch.equal(got["k"][..., :NOPE], want[..., :NOPE]) and not got["k"][..., NOPE:].any()  # k_pe's part: unused
+
+
+@pytest.mark.parametrize("model_type, fields", [("deepseek_v3", {}), ("deepseek_v32", {"index_topk": 4})])
+def test_under_sdpa_hooked_kernel_inputs_keep_the_models_logits(model_type, fields):
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no {model_type}")
+    model, twin = (build(model_type, attn_implementation="sdpa", **{**WIDTHS, **fields}) for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tlshim.install(model)
+    identity = lambda x, hook: x.clone()  # noqa: E731  (an edit that changes nothing, through every path)
+    names = [f"blocks.{i}.attn.hook_{n}" for i in range(2) for n in ("rot_q", "rot_k", "k", "v")]
+    with torch.no_grad():
+        hooked = model.run_with_hooks(tokens(), fwd_hooks=[(n, identity) for n in names], use_cache=False)
+        assert torch.equal(hooked, twin(input_ids=tokens(), use_cache=False).logits)
