@@ -206,7 +206,7 @@ class KvUpSite(Site):
         n_new = call.n_new if call is not None else heads.shape[1]
         k_nope, v = heads[:, -n_new:].split([mla.nope, mla.v], dim=-1)
         new_k_nope, new_v, rebuild = k_nope, v, False
-        if self.k_point.active:
+        if self.k_point.active and call is not None and call.k_pe is not None:  # (not a call from outside the attention)
             k_pe = call.k_pe.view(*k_nope.shape[:2], 1, mla.rope).expand(*k_nope.shape[:3], mla.rope)
             k = torch.cat([k_nope, k_pe], dim=-1)
             edited = self.k_point.fire(k)
