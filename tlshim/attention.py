@@ -237,6 +237,10 @@ def tlshim_attention(module, query, key, value, attention_mask, scaling=None, dr
 def selected_keys_mask(mask, indices, n_key, dtype):
     """The attention mask with every key outside ``indices`` (b, p, top k) masked, as the model masks them itself."""
     hidden = indices.new_ones((*indices.shape[:2], n_key), dtype=torch.bool).scatter(-1, indices.long(), False).unsqueeze(1)
+    if mask is None:  # (sdpa on 5.1x gets none) the causal mask it implies, the queries being the last positions
+        query_pos = torch.arange(n_key - indices.shape[1], n_key, device=indices.device)[:, None]
+        hidden = hidden | (torch.arange(n_key, device=indices.device) > query_pos)
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=indices.device)
     return mask & ~hidden if mask.dtype == torch.bool else mask.masked_fill(hidden, torch.finfo(dtype).min)
 
 
