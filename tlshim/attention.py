@@ -226,6 +226,9 @@ def register_kernel():
 def tlshim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     call = _CALLS.get()[module.config._self_site]
     site = call.site
+    indices = kwargs.pop("indices", None)
+    if indices is not None:  # a sparse attention's picks (DeepSeek-V3.2's indexer), handed to kernels not named eager / sdpa
+        attention_mask = selected_keys_mask(attention_mask, indices, key.shape[2], query.dtype)
     query = site.fire_heads(site.rot_q, query)
     if site.rot_k is not None and site.rot_k.active and not call.rot_k_done:
         key = site.fire_heads(site.rot_k, key)
@@ -236,6 +239,16 @@ def tlshim_attention(module, query, key, value, attention_mask, scaling=None, dr
     else:
         result = eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs)
     return site.kernel_output(result)
+
+
+def selected_keys_mask(mask, indices, n_key, dtype):
+    """The attention mask with every key outside ``indices`` (b, p, top k) masked, as the model masks them itself."""
+    hidden = indices.new_ones((*indices.shape[:2], n_key), dtype=torch.bool).scatter(-1, indices.long(), False).unsqueeze(1)
+    if mask is None:  # (sdpa on 5.1x gets none) the causal mask it implies, the queries being the last positions
+        query_pos = torch.arange(n_key - indices.shape[1], n_key, device=indices.device)[:, None]
+        hidden = hidden | (torch.arange(n_key, device=indices.device) > query_pos)
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=indices.device)
+    return mask & ~hidden if mask.dtype == torch.bool else mask.masked_fill(hidden, torch.finfo(dtype).min)
 
 
 def eager_attention(module, site, query, key, value, attention_mask, scaling, dropout, **kwargs):

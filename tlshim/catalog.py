@@ -31,9 +31,9 @@ SWITCH_NAMES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", 
 
 def switch_names(spec) -> list:
     """The switch hooks a layout serves: the per-head split inputs need a pre-norm (ln1) and q/k/v
-    projections that are separate or fused contiguously; hook_mlp_in needs an MLP norm of its own."""
+    projections that are separate or fused contiguously (not MLA's latents); hook_mlp_in needs an MLP norm of its own."""
     names = []
-    if spec.ln1 and not spec.qkv_groups:
+    if spec.ln1 and not spec.qkv_groups and spec.mla is None:
         names += ["hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"]
     if spec.ln2 and spec.ln2 != spec.ln1:
         names.append("hook_mlp_in")
@@ -50,5 +50,7 @@ def expected_names(spec, n_layers: int) -> set:
         block.append("attn.hook_q_normed")
     if spec.k_norm:
         block.append("attn.hook_k_normed")
+    if spec.mla is not None:
+        block += ["attn.hook_kv_latent"] + (["attn.hook_q_latent"] if spec.mla.q_a_norm else [])
     model = [*MODEL_NAMES, "hook_unembed"] if spec.unembed != spec.embed else MODEL_NAMES
     return set(model) | {f"blocks.{i}.{name}" for i in range(n_layers) for name in block}

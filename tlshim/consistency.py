@@ -33,7 +33,8 @@ def check_config(model, spec, cfg):
         compare("n_heads", _at(cfg.n_heads, i), n_heads, f"blocks.{i}.attn")
         compare("n_key_value_heads", _at(cfg.n_key_value_heads, i), n_kv, f"blocks.{i}.attn")
         compare("d_head", cfg.d_head, d_head, f"blocks.{i}.attn.head_dim")
-        for role, field, n in (("q", "n_heads", n_heads), ("k", "n_key_value_heads", n_kv), ("v", "n_key_value_heads", n_kv)):
+        roles = (("q", "n_heads", n_heads), ("k", "n_key_value_heads", n_kv), ("v", "n_key_value_heads", n_kv))
+        for role, field, n in roles if spec.mla is None else ():  # MLA: family_mla.detect checked the widths
             rows, cols = spec.weights(attn, role)[0].shape
             if rows != n * d_head:
                 compare(field, n, f"{rows} outputs = {rows / d_head:g} heads of d_head {d_head}", f"blocks.{i}.attn's {role} projection")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import weakref
 
-from . import attention_output, family_moe, shared_norm
+from . import attention_output, family_mla, family_moe, shared_norm
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -147,11 +147,14 @@ def _plan_layer(plan: Plan, i: int):
     if ln1:
         aliases["ln1"] = ln1.module
 
-    qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
-    attention_output.plan_query(plan, rel)  # a q_proj that also gives the gate (Qwen3-Next)
-    if spec.v_norm:  # hook_v is the normed value heads attention uses (Gemma 4)
-        qkv[2] = ("hook_v", f"{spec.attn}.{spec.v_norm}", None)
-    _plan_projections(plan, qkv, base, block, attn, "attn")
+    if spec.mla is not None:
+        family_mla.plan_qkv(plan, spec, base, block, attn)
+    else:
+        qkv = [(f"hook_{role}", f"{spec.attn}.{getattr(spec, role + '_proj')}", n) for role, n in (("q", n_heads), ("k", n_kv), ("v", n_kv))]
+        attention_output.plan_query(plan, rel)  # a q_proj that also gives the gate (Qwen3-Next)
+        if spec.v_norm:  # hook_v is the normed value heads attention uses (Gemma 4)
+            qkv[2] = ("hook_v", f"{spec.attn}.{spec.v_norm}", None)
+        _plan_projections(plan, qkv, base, block, attn, "attn")
     for role in ("q", "k"):
         norm_path = getattr(spec, f"{role}_norm")
         if norm_path:

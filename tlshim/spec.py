@@ -170,6 +170,8 @@ class ArchSpec:
     moe: object = None
     #: a gate or a sub-norm between the attention kernel and o_proj (attention_output.AttnOutput), else None
     attn_output: object = None
+    #: the multi-head latent attention layout (family_mla.MlaSpec), else None
+    mla: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
 

@@ -21,7 +21,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import attention_output, family_abs, family_moe, inline_attention, norms, shared_norm
+from . import attention_output, family_abs, family_mla, family_moe, inline_attention, norms, shared_norm
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -79,7 +79,8 @@ def derive_spec(model) -> ArchSpec:
     # an MLP whose projections are the layer's own children (OPT, XGLM, BioGPT) is the layer itself
     mlp_name = "" if _names(layer, PLAIN, None, None) else _child(layer, MLP, "MLP module", layers_path)
     attn, mlp = get_path(layer, attn_name), get_path(layer, mlp_name)
-    q, k, v, o = _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
+    mla = family_mla.detect(attn, model.config)
+    q, k, v, o = (mla.q, mla.kv_a, mla.kv_b, mla.o) if mla else _attention_projections(attn, model.config, f"{layers_path}.0.{attn_name}")
     moe = family_moe.detect([get_path(each, mlp_name) for each in layers], model.config, _mlp_projections)
     gate, up, down, d_mlp = _dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     qk_norm = next((pair for pair in QK_NORMS if all(_looks_like_norm(getattr(attn, n, None)) for n in pair)), (None, None))
@@ -96,6 +97,7 @@ def derive_spec(model) -> ArchSpec:
     # sequential block; a parallel block's attention (Falcon, ALiBi or not) is watched op by op (inline)
     own_scores = not roles.get("parallel") and bool(entry.get("pos_embed") or family_abs.uses_alibi(attn))
     attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
+    attn_site = family_mla.MlaAttnSite if mla and attn_site is AttnSite else attn_site
     first_norm = roles["ln1"] or roles["ln1_post"]
     between = attention_output.detect(attn, mlp, "" if q == k else q, o)
     if between:
@@ -118,6 +120,8 @@ def derive_spec(model) -> ArchSpec:
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
     if moe is not None:
         sizes.update(num_experts=moe.n_experts, experts_per_token=moe.top_k)
+    if mla is not None:
+        sizes.update(mla.cfg_fields())
     grouped = parallel.GROUPED_QKV.get((q, o)) if q == k else None
     spec = ArchSpec(
         versions="",
@@ -157,13 +161,14 @@ def derive_spec(model) -> ArchSpec:
         head_counts=functools.partial(_same_counts, structural_head_counts(attn, model.config)),
         parallel=roles.get("parallel", False),
         qkv_groups=grouped,
-        linear_params=parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else _separate_params(between),
+        linear_params=family_mla.params if mla else parallel.grouped_qkv_params if grouped else fused_qkv_params if q == k else _separate_params(between),
         mlp_params=fused_gate_up_params if gate == up else mlp_linear_params,
         tl_config=functools.partial(_structural_cfg, sizes),
         attn_site=attn_site,
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
         moe=moe,
         attn_output=between,
+        mla=mla,
     )
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
     sizes["use_attn_scale"] = family_abs.scales_scores(attn)
@@ -177,8 +182,9 @@ def describe(spec) -> str:
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
     if spec.moe:
         mlp = family_moe.describe(spec.moe) + f" (dense blocks: {mlp})"
+    projections = family_mla.describe(spec.mla) if spec.mla else f"{spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}"
     return (
-        f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
+        f"blocks at {spec.layers}, attention {spec.attn} ({projections}), "
         f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
         f"({spec.norm.tl_type}), final norm {spec.final_norm}{attention_output.describe(spec.attn_output)}"
     )
@@ -186,6 +192,9 @@ def describe(spec) -> str:
 
 def structural_head_counts(attn, config):
     """(query heads, key/value heads, d_head), from the projections' widths."""
+    mla = family_mla.detect(attn, config)
+    if mla is not None:
+        return mla.head_counts()
     d_head = _head_dim(attn, config)
     separate = _names(attn, PROJECTIONS, None, None)
     if separate:

@@ -51,6 +51,10 @@ class TLConfig(TLConfigFields):
     attn_only: bool = False
     parallel_attn_mlp: bool = False
     use_attn_scale: bool = True
+    #: multi-head latent attention (family_mla): q's and k's head width (d_head is v's) and the latent ranks
+    d_head_qk: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

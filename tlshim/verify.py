@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import attention_output
+from . import attention_output, family_mla
 from .attention import sink_softmax
 from .spec import get_path
 from .tl_switches import all_switched_on
@@ -145,6 +145,8 @@ def _verify(model, input_ids):
             want = post(o_out) if post is not None else o_out
         same(f"{b}.hook_attn_out", "= hook_z (gated, sub-normed) @ W_O + b_O (then the post-attention norm)", cache[f"{b}.hook_attn_out"], want, exact=False)
     _check_moe(model, cache, same, add)
+    if model._tlshim.spec.mla is not None:
+        family_mla.check(model, cache, same)
     with torch.no_grad():
         final = model.ln_final(cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
         unembedded = F.linear(final, model.W_U.T, model.b_U)
@@ -217,11 +219,14 @@ def _shape(cfg, name, batch, pos):
     if rest.startswith("mlp.experts."):
         return None  # one row per token routed to that expert
     h, g, e, m = _at(cfg.n_heads, i), _at(cfg.n_key_value_heads, i), cfg.d_head, _at(cfg.d_mlp, i)
+    qk = getattr(cfg, "d_head_qk", None) or e  # MLA: q and k are wider than v
     table = {
         "ln1.hook_scale": (batch, pos, 1), "ln2.hook_scale": (batch, pos, 1),
-        "attn.hook_q": (batch, pos, h, e), "attn.hook_k": (batch, pos, g, e), "attn.hook_v": (batch, pos, g, e),
-        "attn.hook_q_normed": (batch, pos, h, e), "attn.hook_k_normed": (batch, pos, g, e),
-        "attn.hook_rot_q": (batch, pos, h, e), "attn.hook_rot_k": (batch, pos, g, e),
+        "attn.hook_q": (batch, pos, h, qk), "attn.hook_k": (batch, pos, g, qk), "attn.hook_v": (batch, pos, g, e),
+        "attn.hook_q_normed": (batch, pos, h, qk), "attn.hook_k_normed": (batch, pos, g, qk),
+        "attn.hook_rot_q": (batch, pos, h, qk), "attn.hook_rot_k": (batch, pos, g, qk),
+        "attn.hook_q_latent": (batch, pos, getattr(cfg, "q_lora_rank", None)),
+        "attn.hook_kv_latent": (batch, pos, getattr(cfg, "kv_lora_rank", None)),
         "attn.hook_attn_scores": (batch, h, pos, pos), "attn.hook_pattern": (batch, h, pos, pos),
         "attn.hook_z": (batch, pos, h, e), "attn.hook_result": (batch, pos, h, d),
         "attn.hook_gate": (batch, pos, h, e), "attn.hook_z_gated": (batch, pos, h, e),
