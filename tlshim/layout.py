@@ -86,6 +86,23 @@ class Plan:
         self.swaps.append(ClassSwap(module, mixin, self.spec, where))
 
 
+class _WeakPath:
+    """get_path(model, path) through a weak reference to the model; picklable (torch.save of a whole
+    installed model), the model then pickled with it as the object it already is."""
+
+    def __init__(self, model, path):
+        self.ref, self.path = weakref.ref(model), path
+
+    def __call__(self):
+        return get_path(self.ref(), self.path)
+
+    def __getstate__(self):
+        return self.ref(), self.path
+
+    def __setstate__(self, state):
+        self.__init__(*state)
+
+
 def plan_install(model, spec) -> Plan:
     plan = Plan(model, spec)
     layers = plan.module(spec.layers)
@@ -111,8 +128,7 @@ def plan_install(model, spec) -> Plan:
     final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", *final_sites), None))
     if spec.unembed != spec.embed:  # the output projection's logits (before a soft-cap), TransformerBridge's hook_unembed
         unembed_site = plan.site(spec.unembed)
-        root = weakref.ref(model)  # lm_head's parent is the model: a strong reference there would be a cycle
-        unembed_site.locate = lambda: get_path(root(), spec.unembed)
+        unembed_site.locate = _WeakPath(model, spec.unembed)  # lm_head's parent is the model: no cycle through it
         unembed_site.out_points.append((plan.point("hook_unembed", model, "hook_unembed", unembed_site), None))
 
     plan.alias(model, "blocks", Blocks(layers, model), "model")

@@ -99,7 +99,7 @@ def derive_spec(model) -> ArchSpec:
     attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
     attn_site = family_mla.MlaAttnSite if mla and attn_site is AttnSite else attn_site
     first_norm = roles["ln1"] or roles["ln1_post"]
-    between = attention_output.detect(attn, mlp, "" if q == k else q, o)
+    between = attention_output.detect(attn, mlp, "" if q == k or mla else q, o)  # MLA: q is wider than v by design
     if between:
         where = f"{layers_path}.0.{attn_name}"
         attn_site = _between_kernel_and_o_proj(between, attn_site, flow, layer, (attn_name, mlp_name, first_norm, q, qk_norm[0]), where, model.config)
@@ -674,7 +674,10 @@ def _qk_norm_after_rotary(flow, q_path) -> bool:
     if x is None or q is None:
         return False
     heads = q.view(*q.shape[:-1], -1, x.shape[-1])
-    return not any(_same(x, view) for view in (q, heads, heads.transpose(1, 2)))
+    views = [q, heads, heads.transpose(1, 2)]
+    if q.shape[-1] % (2 * x.shape[-1]) == 0:  # each head's query, then its gate (Qwen3-Next)
+        views.append(q.view(*q.shape[:-1], -1, 2 * x.shape[-1])[..., : x.shape[-1]])
+    return not any(_same(x, view) for view in views)
 
 
 def _v_norm(attn, flow, v_path, attn_name):
