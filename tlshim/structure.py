@@ -21,7 +21,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import family_abs, family_moe, inline_attention, norms
+from . import family_abs, family_mixer, family_moe, inline_attention, norms
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -73,6 +73,9 @@ class _ProbeDone(Exception):
 def derive_spec(model) -> ArchSpec:
     """An ArchSpec for ``model`` read from its modules and one probing forward (see the module doc)."""
     layers_path, layers = _decoder_layers(model)
+    mixers = family_mixer.mixer_layers(layers)
+    if len(mixers) == len(layers):
+        return family_mixer.derive_spec(model, layers_path, layers, mixers)
     layer = layers[0]
     attn_name = _child(layer, ATTENTION, "attention module", layers_path)
     # an MLP whose projections are the layer's own children (OPT, XGLM, BioGPT) is the layer itself

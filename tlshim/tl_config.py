@@ -51,6 +51,8 @@ class TLConfig(TLConfigFields):
     attn_only: bool = False
     parallel_attn_mlp: bool = False
     use_attn_scale: bool = True
+    #: per block, "attention" or "mixer" (a state-space or hybrid model: tlshim.family_mixer); None: all attention
+    layer_types: list | None = None
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

@@ -1,0 +1,170 @@
+"""State-space and hybrid models: blocks whose sequence mixer is not attention (Mamba, Mamba2, gated
+delta-net linear attention, LFM2's short convolution, RecurrentGemma's recurrent block).
+
+A mixer block is norm -> mixer -> added to the residual, then (where the block has one) norm -> MLP ->
+added again; the probe checks exactly that sum. ``blocks.{i}.hook_mixer_out`` is what the mixer adds,
+where an attention block has its attention hooks; the residual-stream, norm and MLP hooks are the
+usual ones. Which blocks are mixers is read per block from its children (HF's hybrids put attention
+in some blocks only), never from the model type's name.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+from . import layout, structure
+from .errors import UnsupportedModelError
+from .sites import LayerSite
+from .spec import ArchSpec, fused_gate_up_params, get_path, mlp_linear_params
+
+#: child names of a block's non-attention mixer, tried in order
+MIXERS = ("mixer", "mamba", "linear_attn", "conv", "temporal_block")
+#: child names of a mixer block's MLP beyond structure.MLP (RecurrentGemma's)
+MLPS = (*structure.MLP, "mlp_block")
+
+
+def _module_child(layer, names):
+    return next((n for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
+
+
+def _has_attention(layer) -> bool:
+    attn = _module_child(layer, structure.ATTENTION)
+    return attn is not None and bool(
+        structure._names(get_path(layer, attn), structure.PROJECTIONS, None, None)
+        or structure._names(get_path(layer, attn), structure.FUSED_QKV, None, None)
+    )
+
+
+def mixer_layers(layers) -> tuple:
+    """(index, mixer child name) of each block with no attention but a mixer."""
+    found = ((i, None if _has_attention(layer) else _module_child(layer, MIXERS)) for i, layer in enumerate(layers))
+    return tuple((i, name) for i, name in found if name)
+
+
+def layer_types(spec, n_layers) -> list:
+    """Per block, "attention" or "mixer" (cfg.layer_types)."""
+    return ["mixer" if spec.mixer(i) else "attention" for i in range(n_layers)]
+
+
+def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
+    """The spec of a model whose every block is a mixer block (Mamba, or a hybrid built without attention)."""
+    layer, mixer = layers[0], mixers[0][1]
+    where = f"{type(layer).__name__} at {layers_path}.0"
+    mlp_name = _module_child(layer, MLPS)
+    owner_path = layers_path.rpartition(".")[0]
+    flow = structure._probe(model, layer, get_path(model, owner_path), {})
+    roles = block_roles(layer, flow, mixer, mlp_name, where)
+    moe = gate = up = down = None
+    d_mlp = 0
+    if mlp_name:
+        mlps = [get_path(each, mlp_name) for each in layers]
+        moe = structure.family_moe.detect(mlps, model.config, structure._mlp_projections)
+        gate, up, down, d_mlp = structure._dense_mlp(layers, mlp_name, moe, layers_path, model.config)
+    norm_kind = structure._norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
+    if roles["ln2"] and structure._norm_kind(getattr(layer, roles["ln2"]), flow, roles["ln2"]) is not norm_kind:
+        raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
+    entry = structure.family_abs.embedding_entry(model, owner_path, flow) or {}
+    if entry.get("pos_embed"):
+        raise UnsupportedModelError(f"{where}: absolute positions in a model of mixer blocks are not served")
+    embedding = model.get_input_embeddings()
+    unembed = model.get_output_embeddings()
+    if unembed is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
+    sizes = dict(
+        n_layers=len(layers),
+        d_model=embedding.embedding_dim,
+        n_heads=0,
+        n_key_value_heads=0,
+        d_head=0,
+        d_mlp=d_mlp,
+        d_vocab=embedding.num_embeddings,
+        d_vocab_out=unembed.out_features,
+        eps=structure.norms._eps(getattr(layer, roles["ln1"])),
+        normalization_type=norm_kind.tl_type,
+        final_rms=norm_kind.tl_type == "RMS",
+        gated_mlp=gate is not None,
+        positional_embedding_type="none",
+        layer_types=["mixer"] * len(layers),
+    )
+    if moe is not None:
+        sizes.update(num_experts=moe.n_experts, experts_per_token=moe.top_k)
+    return ArchSpec(
+        versions="",
+        layers=layers_path,
+        embed=structure._path_of(model, embedding, "input embedding"),
+        embed_hook_on_first_layer=not entry and structure._embedding_scaled(flow),
+        embed_out=entry.get("embed_out"),
+        rotary_hooks=False,
+        final_norm=structure._final_norm(model, layers_path, norm_kind, entry.get("embed_out")),
+        unembed=structure._path_of(model, unembed, "output embedding"),
+        attn=None,
+        mlp=mlp_name,
+        ln1=roles["ln1"],
+        ln2=roles["ln2"],
+        attn_out=None,
+        mlp_out=mlp_name,
+        gate_proj=gate,
+        up_proj=up,
+        down_proj=down,
+        norm=norm_kind,
+        mlp_params=fused_gate_up_params if gate is not None and gate == up else mlp_linear_params,
+        tl_config=functools.partial(structure._structural_cfg, sizes),
+        moe=moe,
+        mixers=mixers,
+    )
+
+
+def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
+    """{"ln1", "ln2"}: the norm before the mixer and the one before the MLP (None where the block has no
+    MLP), checked on the probe: resid_post = resid_pre + mixer_out (+ mlp_out)."""
+    norms_seen = [name for name, child in layer.named_children() if structure._looks_like_norm(child) and name in flow.inputs]
+    x = flow.inputs[""]
+
+    def norm_feeding(name):
+        return next((n for n in norms_seen if structure._same(flow.outputs[n], flow.inputs.get(name))), None)
+
+    ln1 = norm_feeding(mixer)
+    if ln1 is None or not structure._same(flow.inputs[ln1], x):
+        raise UnsupportedModelError(f"{where}: the mixer {mixer} does not read a norm of the block input (no pre-norm block)")
+    after_mixer = x + flow.outputs[mixer]
+    if not mlp_name:
+        if not structure._same(flow.outputs[""], after_mixer):
+            raise UnsupportedModelError(f"{where}: the residual stream is not block input + mixer output")
+        return {"ln1": ln1, "ln2": None}
+    ln2 = norm_feeding(mlp_name)
+    mlp_out = flow.outputs.get(mlp_name)
+    if (
+        ln2 is None
+        or ln2 == ln1
+        or not structure._same(flow.inputs[ln2], after_mixer)
+        or not structure._adds_up(flow.outputs[""], after_mixer, mlp_out)
+    ):
+        raise UnsupportedModelError(
+            f"{where}: the residual stream is not block input + mixer output, then + the output of the MLP read through its own norm"
+        )
+    return {"ln1": ln1, "ln2": ln2}
+
+
+def plan_layer(plan, i):
+    """Hook points of mixer block i: resid_pre, ln1, hook_mixer_out, then the MLP and resid_post as in any block."""
+    spec = plan.spec
+    base, block, mixer = f"{spec.layers}.{i}", f"blocks.{i}", spec.mixer(i)
+    layer_site = plan.site(base, LayerSite)
+    layer = layer_site.module
+    layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
+    ln1 = layout._plan_norm(plan, f"{base}.{spec.ln1}", f"{block}.ln1")
+    mixer_site = plan.site(f"{base}.{mixer}")
+    mixer_site.out_points.append((plan.point(f"{block}.hook_mixer_out", layer, "hook_mixer_out", mixer_site), None))
+    layout.plan_block_rest(plan, i, layer_site, ln1, {"ln1": ln1.module, "mixer": mixer_site.module})
+
+
+def check_block(cache, b, same):
+    """tlshim.verify's sums of a mixer block: resid_pre + mixer_out (+ mlp_out), bit for bit."""
+    after_mixer = cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_mixer_out"]
+    if f"{b}.hook_resid_mid" not in cache:
+        same(f"{b}.hook_resid_post", "= resid_pre + mixer_out", cache[f"{b}.hook_resid_post"], after_mixer)
+        return
+    same(f"{b}.hook_resid_mid", "= resid_pre + mixer_out", cache[f"{b}.hook_resid_mid"], after_mixer)
+    same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
