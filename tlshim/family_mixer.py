@@ -103,8 +103,10 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
         mlp=mlp_name,
         ln1=roles["ln1"],
         ln2=roles["ln2"],
+        ln1_post=roles["ln1_post"],
+        ln2_post=roles["ln2_post"],
         attn_out=None,
-        mlp_out=mlp_name,
+        mlp_out=roles["ln2_post"] or mlp_name,
         gate_proj=gate,
         up_proj=up,
         down_proj=down,
@@ -117,24 +119,28 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
 
 
 def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
-    """{"ln1", "ln2"}: the norm before the mixer and the one before the MLP (None where the block has no
-    MLP), checked on the probe: resid_post = resid_pre + mixer_out (+ mlp_out)."""
+    """{"ln1", "ln2", "ln1_post", "ln2_post"}: the norms before the mixer and the MLP (ln2 None where the
+    block has no MLP) and the post-norms after them where there are (LFM3), checked on the probe:
+    resid_post = resid_pre + mixer_out (+ mlp_out), each out after its post-norm."""
     norms_seen = [name for name, child in layer.named_children() if structure._looks_like_norm(child) and name in flow.inputs]
     x = flow.inputs[""]
 
     def norm_feeding(name):
         return next((n for n in norms_seen if structure._same(flow.outputs[n], flow.inputs.get(name))), None)
 
-    ln1 = norm_feeding(mixer)
+    def norm_reading(name):
+        return next((n for n in norms_seen if structure._same(flow.inputs[n], flow.outputs.get(name))), None)
+
+    ln1, ln1_post = norm_feeding(mixer), norm_reading(mixer)
     if ln1 is None or not structure._same(flow.inputs[ln1], x):
         raise UnsupportedModelError(f"{where}: the mixer {mixer} does not read a norm of the block input (no pre-norm block)")
-    after_mixer = x + flow.outputs[mixer]
+    after_mixer = x + flow.outputs[ln1_post or mixer]
     if not mlp_name:
         if not structure._same(flow.outputs[""], after_mixer):
             raise UnsupportedModelError(f"{where}: the residual stream is not block input + mixer output")
-        return {"ln1": ln1, "ln2": None}
-    ln2 = norm_feeding(mlp_name)
-    mlp_out = flow.outputs.get(mlp_name)
+        return {"ln1": ln1, "ln2": None, "ln1_post": ln1_post, "ln2_post": None}
+    ln2, ln2_post = norm_feeding(mlp_name), norm_reading(mlp_name)
+    mlp_out = flow.outputs.get(ln2_post or mlp_name)
     if (
         ln2 is None
         or ln2 == ln1
@@ -144,7 +150,7 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + mixer output, then + the output of the MLP read through its own norm"
         )
-    return {"ln1": ln1, "ln2": ln2}
+    return {"ln1": ln1, "ln2": ln2, "ln1_post": ln1_post, "ln2_post": ln2_post}
 
 
 def plan_layer(plan, i):
@@ -155,9 +161,9 @@ def plan_layer(plan, i):
     layer = layer_site.module
     layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
     ln1 = layout._plan_norm(plan, f"{base}.{spec.ln1}", f"{block}.ln1")
-    mixer_site = plan.site(f"{base}.{mixer}")
+    mixer_site = plan.site(f"{base}.{spec.ln1_post or mixer}")  # what is added: after a post-norm (LFM3)
     mixer_site.out_points.append((plan.point(f"{block}.hook_mixer_out", layer, "hook_mixer_out", mixer_site), None))
-    layout.plan_block_rest(plan, i, layer_site, ln1, {"ln1": ln1.module, "mixer": mixer_site.module})
+    layout.plan_block_rest(plan, i, layer_site, ln1, {"ln1": ln1.module, "mixer": plan.module(f"{base}.{mixer}")})
 
 
 def check_block(cache, b, same):
@@ -168,3 +174,19 @@ def check_block(cache, b, same):
         return
     same(f"{b}.hook_resid_mid", "= resid_pre + mixer_out", cache[f"{b}.hook_resid_mid"], after_mixer)
     same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
+
+
+def check_hybrid(model, spec, layers, flow):
+    """The mixer blocks of a hybrid read the attention blocks' norm and MLP names (one spec serves
+    both kinds); ``flow``: the probe of block 0 where that is a mixer block, else None."""
+    i, mixer = spec.mixers[0]
+    where = f"{type(layers[i]).__name__} at {spec.layers}.{i}"
+    mlp_name = _module_child(layers[i], MLPS)
+    if flow is None or i:
+        flow = structure._probe(model, layers[i], get_path(model, spec.layers.rpartition(".")[0]), {})
+    roles = block_roles(layers[i], flow, mixer, mlp_name, where)
+    if (roles["ln1"], roles["ln2"], roles["ln1_post"], roles["ln2_post"], mlp_name) != (spec.ln1, spec.ln2, spec.ln1_post, spec.ln2_post, spec.mlp or None):
+        raise UnsupportedModelError(
+            f"{where}: a mixer block laid out unlike the attention blocks (norms {roles['ln1']} / {roles['ln2']}, MLP "
+            f"{mlp_name}; the attention blocks have {spec.ln1} / {spec.ln2}, {spec.mlp}): not served yet"
+        )

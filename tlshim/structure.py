@@ -76,7 +76,8 @@ def derive_spec(model) -> ArchSpec:
     mixers = family_mixer.mixer_layers(layers)
     if len(mixers) == len(layers):
         return family_mixer.derive_spec(model, layers_path, layers, mixers)
-    layer = layers[0]
+    first = next(i for i in range(len(layers)) if i not in dict(mixers))  # the first attention block (hybrids)
+    layer = layers[first]
     attn_name = _child(layer, ATTENTION, "attention module", layers_path)
     # an MLP whose projections are the layer's own children (OPT, XGLM, BioGPT) is the layer itself
     mlp_name = "" if _names(layer, PLAIN, None, None) else _child(layer, MLP, "MLP module", layers_path)
@@ -88,10 +89,11 @@ def derive_spec(model) -> ArchSpec:
     _refuse_unserved(attn, UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     _refuse_unserved(mlp, UNSERVED_MLP, f"{layers_path}.0.{mlp_name}")
 
-    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
+    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe, dict(mixers))
     owner_path = layers_path.rpartition(".")[0]
     flow = _probe(model, layer, get_path(model, owner_path), {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
-    entry = family_abs.embedding_entry(model, owner_path, flow) or {}
+    first_flow = _probe(model, layers[0], get_path(model, owner_path), {}) if first else flow
+    entry = family_abs.embedding_entry(model, owner_path, first_flow) or {}
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
     # own scores and softmax watched whole (family_abs) where positions are absolute or ALiBi is on in a
     # sequential block; a parallel block's attention (Falcon, ALiBi or not) is watched op by op (inline)
@@ -120,7 +122,7 @@ def derive_spec(model) -> ArchSpec:
         versions="",
         layers=layers_path,
         embed=embed_path,
-        embed_hook_on_first_layer=not entry and _embedding_scaled(flow),
+        embed_hook_on_first_layer=not entry and _embedding_scaled(first_flow),
         embed_out=entry.get("embed_out"),
         pos_embed=entry.get("pos_embed"),
         rotary_hooks=attn_site is not family_abs.SoftmaxAttnSite and not entry.get("pos_embed"),
@@ -156,7 +158,11 @@ def derive_spec(model) -> ArchSpec:
         attn_site=attn_site,
         cache_kwargs=tuple(name for name in CACHE_KWARGS if name in _parameters(attn.forward)),
         moe=moe,
+        mixers=mixers,
     )
+    if mixers:
+        family_mixer.check_hybrid(model, spec, layers, first_flow if first else None)
+        sizes["layer_types"] = family_mixer.layer_types(spec, len(layers))
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
     sizes["use_attn_scale"] = family_abs.scales_scores(attn)
     return spec
@@ -215,7 +221,7 @@ def _structural_cfg(found, model):
         window_size=getattr(config, "sliding_window", None),
         logit_scale=getattr(config, "logit_scale", None) or 1.0,
         attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
-        output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or -1.0,
+        output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None) or -1.0,
     )
 
 
@@ -324,9 +330,12 @@ def _dense_mlp(layers, mlp_name, moe, layers_path, config):
     return (*(moe.expert_projections or ("gate_proj", "up_proj", "down_proj")), width)
 
 
-def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, moe=None):
-    """The first block's layout is every block's, but for the blocks that hold a mixture of experts."""
+def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, moe=None, mixers=()):
+    """The first block's layout is every block's, but for the blocks that hold a mixture of experts
+    (and the mixer blocks of a hybrid, family_mixer)."""
     for i, layer in enumerate(layers):
+        if i in mixers:
+            continue
         moe_block = moe is not None and moe.is_moe(_get(layer, mlp_paths[0]) if mlp_paths[0] else layer)
         for owner, *children in (attn_paths,) if moe_block else (attn_paths, mlp_paths):
             module = _get(layer, owner) if owner else layer
