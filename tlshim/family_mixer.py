@@ -43,6 +43,15 @@ def mixer_layers(layers) -> tuple:
     return tuple((i, name) for i, name in found if name)
 
 
+def hybrid_blocks(modules) -> bool:
+    """Whether a list of modules of several classes is a hybrid's blocks (Jamba's attention and Mamba
+    decoder layers): each has a norm of its own and an attention or a mixer."""
+    return all(
+        any(structure._looks_like_norm(child) for child in m.children()) and _module_child(m, (*structure.ATTENTION, *MIXERS))
+        for m in modules
+    )
+
+
 def layer_types(spec, n_layers) -> list:
     """Per block, "attention" or "mixer" (cfg.layer_types)."""
     return ["mixer" if spec.mixer(i) else "attention" for i in range(n_layers)]
@@ -190,3 +199,11 @@ def check_hybrid(model, spec, layers, flow):
             f"{where}: a mixer block laid out unlike the attention blocks (norms {roles['ln1']} / {roles['ln2']}, MLP "
             f"{mlp_name}; the attention blocks have {spec.ln1} / {spec.ln2}, {spec.mlp}): not served yet"
         )
+
+
+def describe(spec) -> str:
+    """The mixer blocks, for structure.describe ("" where there are none)."""
+    if not spec.mixers:
+        return ""
+    names = sorted({name for _, name in spec.mixers})
+    return f", mixer blocks {[i for i, _ in spec.mixers]} ({'/'.join(names)})"

@@ -175,8 +175,9 @@ def describe(spec) -> str:
     mlp = f"gated ({spec.gate_proj}, {spec.up_proj}, {spec.down_proj})" if spec.gate_proj else f"{spec.up_proj} -> {spec.down_proj}"
     if spec.moe:
         mlp = family_moe.describe(spec.moe) + f" (dense blocks: {mlp})"
+    attention = f"attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj})" if spec.attn else "no attention"
     return (
-        f"blocks at {spec.layers}, attention {spec.attn} ({spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}), "
+        f"blocks at {spec.layers}, {attention}{family_mixer.describe(spec)}, "
         f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
         f"({spec.norm.tl_type}), final norm {spec.final_norm}"
     )
@@ -233,7 +234,7 @@ def _decoder_layers(model):
     not counting lists inside the items of another (a block's experts)."""
     best, outer = None, []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module) and (len({type(m) for m in module}) == 1 or family_mixer.hybrid_blocks(module)):
             if any(name.startswith(f"{other}.") for other in outer):
                 continue
             outer.append(name)
