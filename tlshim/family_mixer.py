@@ -21,6 +21,9 @@ from .spec import ArchSpec, fused_gate_up_params, get_path, mlp_linear_params
 
 #: child names of a block's non-attention mixer, tried in order
 MIXERS = ("mixer", "mamba", "linear_attn", "conv", "temporal_block")
+#: parts (children or parameters) that make a module in an attention's place a linear-attention or
+#: recurrent mixer, not softmax attention (Kimi-Linear's and Bailing's delta attention under self_attn)
+LINEAR_ATTENTION = ("forget_gate", "conv1d", "A_log")
 #: child names of a mixer block's MLP beyond structure.MLP (RecurrentGemma's)
 MLPS = (*structure.MLP, "mlp_block")
 
@@ -29,17 +32,20 @@ def _module_child(layer, names):
     return next((n for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
 
 
-def _has_attention(layer) -> bool:
-    attn = _module_child(layer, structure.ATTENTION)
-    return attn is not None and bool(
-        structure._names(get_path(layer, attn), structure.PROJECTIONS, None, None)
-        or structure._names(get_path(layer, attn), structure.FUSED_QKV, None, None)
-    )
+def _mixer(layer):
+    """The child name of the block's mixer, or None where it has (softmax) attention."""
+    name = _module_child(layer, structure.ATTENTION)
+    attn = getattr(layer, name) if name else None
+    if attn is not None and any(part in attn._modules or part in attn._parameters for part in LINEAR_ATTENTION):
+        return name
+    if attn is not None and (structure._names(attn, structure.PROJECTIONS, None, None) or structure._names(attn, structure.FUSED_QKV, None, None)):
+        return None
+    return _module_child(layer, MIXERS)
 
 
 def mixer_layers(layers) -> tuple:
     """(index, mixer child name) of each block with no attention but a mixer."""
-    found = ((i, None if _has_attention(layer) else _module_child(layer, MIXERS)) for i, layer in enumerate(layers))
+    found = ((i, _mixer(layer)) for i, layer in enumerate(layers))
     return tuple((i, name) for i, name in found if name)
 
 
