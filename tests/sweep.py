@@ -28,6 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import tlshim
 from tlshim.errors import UnsupportedModelError
+from tlshim.family_mixer import mixer_out
 from tlshim.spec import get_path
 
 from tiny import NOT_RUNNABLE, build, tokens
@@ -89,7 +90,7 @@ def _failures(model, twin, ids, native):
         if z_path:
             handle = get_path(twin, z_path).register_forward_pre_hook(lambda m, args: (_zero_columns(args[0], d_head),))
         else:
-            handle = get_path(twin, f"{spec.layers}.0.{spec.ln1_post or spec.mixer(0)}").register_forward_hook(lambda m, args, out: _zero_columns(out, d_head))
+            handle = get_path(twin, f"{spec.layers}.0.{mixer_out(spec, 0)}").register_forward_hook(lambda m, args, out: _zero_columns(out, d_head))
         try:
             by_hand = twin(input_ids=ids, use_cache=False).logits
         finally:
@@ -101,7 +102,7 @@ def _failures(model, twin, ids, native):
         name = "blocks.0.hook_attn_out" if model.cfg.parallel_attn_mlp else "blocks.0.hook_resid_mid"
         name = "blocks.0.hook_mixer_out" if name not in model.hook_dict and spec.mixer(0) else name
         steered = model.run_with_hooks(ids, fwd_hooks=[(name, lambda x, hook: x + vector)], use_cache=False)
-        attn_out = get_path(twin, f"{spec.layers}.0.{(spec.ln1_post or spec.mixer(0)) if spec.mixer(0) else spec.attn_out}")
+        attn_out = get_path(twin, f"{spec.layers}.0.{mixer_out(spec, 0) if spec.mixer(0) else spec.attn_out}")
         handle = attn_out.register_forward_hook(lambda m, args, out: _add_to_first(out, vector))
         try:
             by_hand = twin(input_ids=ids, use_cache=False).logits

@@ -141,3 +141,22 @@ def test_a_mixer_block_whose_sum_is_not_residual_plus_mixer_out_is_refused():
     flow.outputs[""] = flow.outputs[""] * 2  # as a block with a residual multiplier would give
     with pytest.raises(UnsupportedModelError, match="not block input \\+ mixer output"):
         block_roles(layer, flow, "mixer", None, "MambaBlock at backbone.layers.0")
+
+
+def test_mixer_blocks_keep_their_own_norms_beside_post_norm_only_attention_blocks():
+    model, twin = installed("olmo_hybrid")
+    layers = model.model.layers
+    assert model.cfg.layer_types == ["mixer", "attention"]
+    assert model.blocks[0].ln1 is layers[0].input_layernorm and model.blocks[0].ln2 is layers[0].post_attention_layernorm
+    assert not hasattr(model.blocks[1], "ln1") and model.blocks[1].ln1_post is layers[1].post_attention_layernorm
+    assert "blocks.0.ln1.hook_scale" in model.hook_dict and "blocks.1.ln1.hook_scale" not in model.hook_dict
+    _, cache = model.run_with_cache(tokens(), use_cache=False)
+    with torch.no_grad():
+        assert torch.equal(cache["blocks.0.hook_mixer_out"], layers[0].linear_attn(layers[0].input_layernorm(cache["blocks.0.hook_resid_pre"])))
+        o_out = layers[1].self_attn.o_proj(cache["blocks.1.attn.hook_z"].flatten(-2))
+        assert torch.equal(cache["blocks.1.hook_attn_out"], layers[1].post_attention_layernorm(o_out))
+    report = tlshim.verify(model, tokens())
+    assert report.ok, str(report)
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(11))
+    by_hand = run_by_hand(twin, twin.model.layers[0].linear_attn, lambda m, args, out: out + vector)
+    assert torch.equal(run_hooked(model, "blocks.0.hook_mixer_out", lambda x: x + vector), by_hand)

@@ -10,6 +10,7 @@ in some blocks only), never from the model type's name.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from torch import nn
@@ -170,13 +171,27 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
 
 def plan_layer(plan, i):
     """Hook points of mixer block i: resid_pre, ln1, hook_mixer_out, then the MLP and resid_post as in any block."""
+    hybrid = plan.spec
+    plan.spec = dataclasses.replace(hybrid, **dict(hybrid.mixer_layout))  # the mixer blocks' own norms
+    try:
+        _plan_layer(plan, i)
+    finally:
+        plan.spec = hybrid
+
+
+def mixer_out(spec, i) -> str:
+    """The child of block i whose output is hook_mixer_out: what is added, after a post-norm (LFM3)."""
+    return dict(spec.mixer_layout).get("ln1_post", spec.ln1_post) or spec.mixer(i)
+
+
+def _plan_layer(plan, i):
     spec = plan.spec
     base, block, mixer = f"{spec.layers}.{i}", f"blocks.{i}", spec.mixer(i)
     layer_site = plan.site(base, LayerSite)
     layer = layer_site.module
     layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
     ln1 = layout._plan_norm(plan, f"{base}.{spec.ln1}", f"{block}.ln1")
-    mixer_site = plan.site(f"{base}.{spec.ln1_post or mixer}")  # what is added: after a post-norm (LFM3)
+    mixer_site = plan.site(f"{base}.{mixer_out(spec, i)}")
     mixer_site.out_points.append((plan.point(f"{block}.hook_mixer_out", layer, "hook_mixer_out", mixer_site), None))
     layout.plan_block_rest(plan, i, layer_site, ln1, {"ln1": ln1.module, "mixer": plan.module(f"{base}.{mixer}")})
 
@@ -191,20 +206,23 @@ def check_block(cache, b, same):
     same(f"{b}.hook_resid_post", "= resid_mid + mlp_out", cache[f"{b}.hook_resid_post"], cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"])
 
 
-def check_hybrid(model, spec, layers, flow):
-    """The mixer blocks of a hybrid read the attention blocks' norm and MLP names (one spec serves
-    both kinds); ``flow``: the probe of block 0 where that is a mixer block, else None."""
+def mixer_layout(model, spec, layers, flow) -> tuple:
+    """spec.mixer_layout of a hybrid: the mixer blocks' norms where they differ from the attention
+    blocks' (same MLP, same norm kind); ``flow``: the probe of block 0 where that is a mixer block, else None."""
     i, mixer = spec.mixers[0]
     where = f"{type(layers[i]).__name__} at {spec.layers}.{i}"
     mlp_name = _module_child(layers[i], MLPS)
     if flow is None or i:
         flow = structure._probe(model, layers[i], get_path(model, spec.layers.rpartition(".")[0]), {})
     roles = block_roles(layers[i], flow, mixer, mlp_name, where)
-    if (roles["ln1"], roles["ln2"], roles["ln1_post"], roles["ln2_post"], mlp_name) != (spec.ln1, spec.ln2, spec.ln1_post, spec.ln2_post, spec.mlp or None):
+    kinds = {structure._norm_kind(getattr(layers[i], n), flow, n) for n in roles.values() if n}
+    if mlp_name != (spec.mlp or None) or kinds != {spec.norm}:
         raise UnsupportedModelError(
-            f"{where}: a mixer block laid out unlike the attention blocks (norms {roles['ln1']} / {roles['ln2']}, MLP "
-            f"{mlp_name}; the attention blocks have {spec.ln1} / {spec.ln2}, {spec.mlp}): not served yet"
+            f"{where}: a mixer block with another MLP ({mlp_name}; the attention blocks have {spec.mlp}) or norms of "
+            "another kind than the attention blocks' is not served"
         )
+    roles["mlp_out"] = roles["ln2_post"] or spec.mlp
+    return tuple((field, value) for field, value in roles.items() if getattr(spec, field) != value)
 
 
 def describe(spec) -> str:

@@ -14,6 +14,7 @@ so does one with a part its hooks cannot serve (UNSERVED_ATTENTION, UNSERVED_MLP
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -161,7 +162,7 @@ def derive_spec(model) -> ArchSpec:
         mixers=mixers,
     )
     if mixers:
-        family_mixer.check_hybrid(model, spec, layers, first_flow if first else None)
+        spec = dataclasses.replace(spec, mixer_layout=family_mixer.mixer_layout(model, spec, layers, first_flow if first else None))
         sizes["layer_types"] = family_mixer.layer_types(spec, len(layers))
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
     sizes["use_attn_scale"] = family_abs.scales_scores(attn)
