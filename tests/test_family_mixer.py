@@ -4,13 +4,13 @@ the same edits made by hand on a plain twin."""
 
 import pytest
 import torch
-from transformers import CONFIG_MAPPING
 
 import tlshim
 from tlshim.errors import UnsupportedModelError
 from tlshim.family_mixer import block_roles
 from tlshim.structure import _probe
 
+from test_family_post import present, run_by_hand  # (its helpers: skip where absent, a twin's forward with a hook)
 from tiny import build, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:tlshim has no spec")
@@ -23,25 +23,11 @@ HYBRID = {
 }
 
 
-def present(model_type):
-    if model_type not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}")
-
-
 def installed(model_type, **fields):
     present(model_type)
     model, twin = build(model_type, **fields), build(model_type, **fields)
     tlshim.install(model)
     return model, twin
-
-
-def run_by_hand(twin, module, hook):
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return twin(input_ids=tokens(), use_cache=False).logits
-    finally:
-        handle.remove()
 
 
 def run_hooked(model, name, fn):
