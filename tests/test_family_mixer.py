@@ -1,4 +1,4 @@
-"""State-space and hybrid models (Mamba, Jamba, Bamba, LFM2-MoE, LFM3) on the structural path: what
+"""State-space and hybrid models (Mamba, Jamba, LFM2-MoE, LFM3, OLMo-Hybrid) on the structural path: what
 hook_mixer_out and the residual hooks hold (HOOKS.md "Families"), per-block kinds, and edits equal to
 the same edits made by hand on a plain twin."""
 
@@ -15,10 +15,10 @@ from tiny import build, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:tlshim has no spec")
 
-#: hybrids built tiny with an attention block after a mixer block
+#: hybrids built tiny with an attention block after a mixer block (Jamba's layers of two classes;
+#: Bamba, whose tiny forward does not finish on transformers 4.48, is left to the sweep)
 HYBRID = {
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
-    "bamba": dict(attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False),
     "lfm2_moe": {},
 }
 

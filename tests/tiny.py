@@ -38,6 +38,7 @@ FIELDS = {
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},
     "mamba2": {"num_heads": 8},  # expand * hidden_size = heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "jamba": {"use_mamba_kernels": False},  # transformers 4.x refuses to run without the CUDA kernels otherwise
     # Mamba blocks only: their shared-attention hybrid block is not served
     "zamba2": {"layers_block_type": ["linear_attention", "linear_attention"]},
     "zamba": {"layers_block_type": ["linear_attention", "linear_attention"], "attention_hidden_size": 128, "mamba_dt_rank": 4},
