@@ -139,6 +139,8 @@ def _zero_head0(z, hook):
 
 
 def _zero_columns(x, width):
+    if isinstance(x, tuple):  # a mixer returning (output, state): RecurrentGemma's recurrent block
+        return (_zero_columns(x[0], width), *x[1:])
     x = x.clone()
     x[..., :width] = 0
     return x

@@ -7,7 +7,7 @@ import torch
 
 import tlshim
 from tlshim.errors import UnsupportedModelError
-from tlshim.family_mixer import block_roles
+from tlshim.family_mixer import block_roles, mixer_layers
 from tlshim.structure import _probe
 
 from test_family_post import present, run_by_hand  # (its helpers: skip where absent, a twin's forward with a hook)
@@ -146,3 +146,12 @@ def test_mixer_blocks_keep_their_own_norms_beside_post_norm_only_attention_block
     vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(11))
     by_hand = run_by_hand(twin, twin.model.layers[0].linear_attn, lambda m, args, out: out + vector)
     assert torch.equal(run_hooked(model, "blocks.0.hook_mixer_out", lambda x: x + vector), by_hand)
+
+
+def test_attention_or_an_mlp_under_a_mixers_name_is_no_mixer():
+    present("nemotron_h")
+    model = build("nemotron_h")  # blocks of one sub-layer each: Mamba2, MoE, attention, MLP
+    layers = model.model.layers
+    assert [i for i, _ in mixer_layers(layers)] == [i for i, layer in enumerate(layers) if "Mamba" in type(layer.mixer).__name__] == [0]
+    with pytest.raises(UnsupportedModelError, match="no attention module found"):
+        tlshim.install(model)

@@ -35,13 +35,21 @@ def _module_child(layer, names):
 
 def _mixer(layer):
     """The child name of the block's mixer, or None where it has (softmax) attention."""
-    name = _module_child(layer, structure.ATTENTION)
-    attn = getattr(layer, name) if name else None
-    if attn is not None and any(part in attn._modules or part in attn._parameters for part in LINEAR_ATTENTION):
-        return name
-    if attn is not None and (structure._names(attn, structure.PROJECTIONS, None, None) or structure._names(attn, structure.FUSED_QKV, None, None)):
-        return None
+    # (attention or an MLP under a mixer's name, Nemotron-H's blocks of one sub-layer each, is no mixer)
+    for name in (_module_child(layer, structure.ATTENTION), _module_child(layer, MIXERS)):
+        module = getattr(layer, name) if name else None
+        if module is not None and any(part in module._modules or part in module._parameters for part in LINEAR_ATTENTION):
+            return name
+        if module is not None and _is_attention_or_mlp(module):
+            return None
     return _module_child(layer, MIXERS)
+
+
+def _is_attention_or_mlp(module) -> bool:
+    """Whether ``module`` has q/k/v/o or MLP projections, or routes to experts."""
+    tables = (structure.PROJECTIONS, structure.FUSED_QKV, structure.GATED, structure.FUSED_GATE_UP, structure.PLAIN)
+    moe = _module_child(module, structure.family_moe.ROUTERS) and _module_child(module, structure.family_moe.EXPERTS)
+    return bool(moe) or any(structure._names(module, table, None, None) for table in tables)
 
 
 def mixer_layers(layers) -> tuple:
