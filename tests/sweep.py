@@ -29,6 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import tlshim
 from tlshim.attention_output import z_reader
 from tlshim.errors import UnsupportedModelError
+from tlshim.family_mixer import mixer_out
 from tlshim.spec import get_path
 
 from tiny import NOT_RUNNABLE, build, tokens
@@ -92,20 +93,28 @@ def _failures(model, twin, ids, native):
         report = tlshim.verify(model, ids)
         failures += [f"{f.name}: {f.check} {f.detail}".strip() for f in report.failures]
         spec, d_head = model._tlshim.spec, model.cfg.d_head
-        zeroed = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", _zero_head0)], use_cache=False)
-        o_proj = get_path(twin, f"{spec.layers}.0.{spec.attn}.{z_reader(spec)}")  # o_proj, or a gated model's sub-norm
-        handle = o_proj.register_forward_pre_hook(lambda m, args: (_zero_columns(args[0], d_head),))
+        # the hook_z edit on the first attention block; on a model with none, hook_mixer_out's (family_mixer)
+        first = next((i for i in range(model.cfg.n_layers) if not spec.mixer(i)), None)
+        # o_proj, or a gated model's sub-norm: what reads hook_z's values
+        z_name, z_path = (f"blocks.{first}.attn.hook_z", f"{spec.layers}.{first}.{spec.attn}.{z_reader(spec)}") if first is not None else ("blocks.0.hook_mixer_out", None)
+        d_head = d_head or model.cfg.d_model // 4
+        zeroed = model.run_with_hooks(ids, fwd_hooks=[(z_name, _zero_head0 if z_path else lambda x, hook: _zero_columns(x, d_head))], use_cache=False)
+        if z_path:
+            handle = get_path(twin, z_path).register_forward_pre_hook(lambda m, args: (_zero_columns(args[0], d_head),))
+        else:
+            handle = get_path(twin, f"{spec.layers}.0.{mixer_out(spec, 0)}").register_forward_hook(lambda m, args, out: _zero_columns(out, d_head))
         try:
             by_hand = twin(input_ids=ids, use_cache=False).logits
         finally:
             handle.remove()
         if not torch.equal(zeroed, by_hand):
-            failures.append("an edit of hook_z differs from the same edit by hand")
+            failures.append(f"an edit of {z_name} differs from the same edit by hand")
         vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
-        # a parallel block has no resid_mid: the same vector added to hook_attn_out is its equivalent
+        # a parallel block has no resid_mid: the same vector added to hook_attn_out is its equivalent (mixer_out in a mixer-only block)
         name = "blocks.0.hook_attn_out" if model.cfg.parallel_attn_mlp else "blocks.0.hook_resid_mid"
+        name = "blocks.0.hook_mixer_out" if name not in model.hook_dict and spec.mixer(0) else name
         steered = model.run_with_hooks(ids, fwd_hooks=[(name, lambda x, hook: x + vector)], use_cache=False)
-        attn_out = get_path(twin, f"{spec.layers}.0.{spec.attn_out}")
+        attn_out = get_path(twin, f"{spec.layers}.0.{mixer_out(spec, 0) if spec.mixer(0) else spec.attn_out}")
         handle = attn_out.register_forward_hook(lambda m, args, out: _add_to_first(out, vector))
         try:
             by_hand = twin(input_ids=ids, use_cache=False).logits
@@ -142,6 +151,8 @@ def _zero_head0(z, hook):
 
 
 def _zero_columns(x, width):
+    if isinstance(x, tuple):  # a mixer returning (output, state): RecurrentGemma's recurrent block
+        return (_zero_columns(x[0], width), *x[1:])
     x = x.clone()
     x[..., :width] = 0
     return x

@@ -42,6 +42,9 @@ FIELDS = {
     "gemma4_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
     "gemma4_unified_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
     "cohere_compass_text": {"rope_parameters": dict.fromkeys(("full_attention", "sliding_attention"), {"rope_type": "default", "rope_theta": 1e4})},
+    "jamba": {"use_mamba_kernels": False},  # transformers 4.x refuses to run without the CUDA kernels otherwise
+    "zamba2": {"layers_block_type": ["linear_attention", "linear_attention"]},
+    "zamba": {"layers_block_type": ["linear_attention", "linear_attention"], "attention_hidden_size": 128, "mamba_dt_rank": 4},
 }
 #: multimodal types whose text config is that of a text type, built tiny as that type
 TEXT_CONFIG = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}

@@ -43,6 +43,12 @@ def _hook_pairs(pairs, arg):
 
 
 def _stack(blocks, part, name):
+    lacking = [i for i, block in enumerate(blocks) if not hasattr(block, part)]
+    if lacking:  # a state-space or hybrid model (cfg.layer_types)
+        raise ValueError(
+            f"model.{name} cannot be stacked: blocks {lacking} have no {part} (cfg.layer_types says each block's kind); "
+            f"use the per-layer form model.blocks[i].{part}.{name} on the blocks that have one"
+        )
     tensors = [getattr(getattr(block, part), name) for block in blocks]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:

@@ -28,6 +28,8 @@ def check_config(model, spec, cfg):
     width = get_path(model, spec.embed).weight.shape[-1]
     compare("d_model", cfg.d_model, width, f"model.{spec.embed}.weight")
     for i, layer in enumerate(layers):
+        if spec.mixer(i):  # no attention; its MLP as any other (family_mixer)
+            continue
         attn, mlp = get_path(layer, spec.attn), get_path(layer, spec.mlp)
         n_heads, n_kv, d_head = spec.head_counts(attn, getattr(attn, "config", None))
         compare("n_heads", _at(cfg.n_heads, i), n_heads, f"blocks.{i}.attn")

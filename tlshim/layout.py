@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import weakref
 
-from . import attention_output, family_mla, family_moe, shared_norm
+from . import attention_output, family_mixer, family_mla, family_moe, shared_norm
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -146,6 +146,8 @@ def plan_install(model, spec) -> Plan:
 
 def _plan_layer(plan: Plan, i: int):
     spec = plan.spec
+    if spec.mixer(i):
+        return family_mixer.plan_layer(plan, i)
     base = f"{spec.layers}.{i}"
     block = f"blocks.{i}"
     rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
@@ -153,12 +155,11 @@ def _plan_layer(plan: Plan, i: int):
     layer_site.scalar = spec.layer_scalar
     layer = layer_site.module
     attn = plan.module(rel(spec.attn))
-    mlp = plan.module(rel(spec.mlp))
     n_heads, n_kv, _ = spec.head_counts(attn, getattr(attn, "config", None))
 
     layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
 
-    aliases = {"attn": attn, "mlp": mlp}
+    aliases = {"attn": attn}
     ln1 = _plan_norm(plan, rel(spec.ln1), f"{block}.ln1") if spec.ln1 else None
     if ln1:
         aliases["ln1"] = ln1.module
@@ -197,7 +198,42 @@ def _plan_layer(plan: Plan, i: int):
 
     attn_out_site = plan.site(rel(spec.attn_out))
     attn_out_site.out_points.append((plan.point(f"{block}.hook_attn_out", layer, "hook_attn_out", attn_out_site), None))
+    plan.swap(attn, AttnWeights, f"{block}.attn")
+    plan_block_rest(plan, i, layer_site, ln1, aliases)
 
+
+def plan_block_rest(plan: Plan, i: int, layer_site, ln1, aliases):
+    """The MLP sub-layer (where spec.mlp is not None), hook_resid_post and the block's aliases, after the
+    attention sub-layer or a mixer (family_mixer)."""
+    spec = plan.spec
+    base, block = f"{spec.layers}.{i}", f"blocks.{i}"
+    rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
+    layer = layer_site.module
+    if spec.mlp is not None:
+        _plan_mlp(plan, base, block, layer_site, ln1, aliases)
+    if spec.per_layer_out:  # Gemma 4: a third sub-layer, after the MLP, adds this
+        site = plan.site(rel(spec.per_layer_out))
+        site.out_points.append((plan.point(f"{block}.hook_per_layer_out", layer, "hook_per_layer_out", site), None))
+        layer_site.tail = True
+    layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
+
+    for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input
+        plan.hook_dict[f"{block}.{name}"]._sites += (layer_site,)
+    for name in ("ln1_post", "ln2_post"):
+        if getattr(spec, name):
+            aliases[name] = plan.module(rel(getattr(spec, name)))
+    for name, target in aliases.items():
+        plan.alias(layer, name, target, block)
+        if name.startswith("ln"):
+            plan.swap(target, NormWeights, f"{block}.{name}")
+    if spec.mlp is not None:
+        plan.swap(aliases["mlp"], MlpWeights, f"{block}.mlp")
+
+
+def _plan_mlp(plan, base, block, layer_site, ln1, aliases):
+    spec, layer = plan.spec, layer_site.module
+    rel = lambda path: f"{base}.{path}" if path else base  # noqa: E731
+    mlp = aliases["mlp"] = plan.module(rel(spec.mlp))
     moe = spec.moe is not None and spec.moe.is_moe(mlp)
     if moe:
         family_moe.plan_block(plan, spec.moe, base, block, spec.mlp, layer_site)
@@ -222,25 +258,7 @@ def _plan_layer(plan: Plan, i: int):
         _plan_projections(plan, mlp_points, base, block, mlp, "mlp")
         down = plan.site(rel(_join(spec.mlp, attention_output.post_reader(spec))))
         down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
-
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
-    if spec.per_layer_out:  # Gemma 4: a third sub-layer, after the MLP, adds this
-        site = plan.site(rel(spec.per_layer_out))
-        site.out_points.append((plan.point(f"{block}.hook_per_layer_out", layer, "hook_per_layer_out", site), None))
-        layer_site.tail = True
-    layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
-
-    for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input
-        plan.hook_dict[f"{block}.{name}"]._sites += (layer_site,)
-    for name in ("ln1_post", "ln2_post"):
-        if getattr(spec, name):
-            aliases[name] = plan.module(rel(getattr(spec, name)))
-    for name, target in aliases.items():
-        plan.alias(layer, name, target, block)
-        if name.startswith("ln"):
-            plan.swap(target, NormWeights, f"{block}.{name}")
-    plan.swap(attn, AttnWeights, f"{block}.attn")
-    plan.swap(mlp, MlpWeights, f"{block}.mlp")
 
 
 def _plan_norm(plan, path, name, layer_site=None):

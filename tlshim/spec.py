@@ -174,6 +174,16 @@ class ArchSpec:
     mla: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
+    #: the blocks whose sequence mixer is not attention (Mamba, linear attention, a convolution), as
+    #: (index, child name) pairs (family_mixer); every other block has the attention above
+    mixers: tuple = ()
+    #: the mixer blocks' own layout where it differs from the attention blocks' (OLMo-Hybrid: pre-norm
+    #: mixer blocks, post-norm-only attention blocks), as (field, value) pairs of this spec
+    mixer_layout: tuple = ()
+
+    def mixer(self, i):
+        """The child name of block i's non-attention mixer, or None for an attention block."""
+        return dict(self.mixers).get(i)
 
     def weights(self, attn, role):
         return self.linear_params(self, attn, role)

@@ -117,6 +117,8 @@ def plan_switch_hooks(plan):
     served = switch_names(spec)
     for i in range(len(layers)):
         base, block = f"{spec.layers}.{i}", f"blocks.{i}"
+        if spec.mixer(i):  # no attention (family_mixer)
+            continue
         layer, attn = layers[i], plan.module(f"{base}.{spec.attn}")
         n_heads, n_kv, _ = spec.head_counts(attn, getattr(attn, "config", None))
         if "hook_mlp_in" in served:

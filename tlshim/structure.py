@@ -14,6 +14,7 @@ so does one with a part its hooks cannot serve (UNSERVED_ATTENTION, UNSERVED_MLP
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -21,7 +22,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import attention_output, family_abs, family_mla, family_moe, inline_attention, norms, shared_norm
+from . import attention_output, family_abs, family_mixer, family_mla, family_moe, inline_attention, norms, shared_norm
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -74,7 +75,11 @@ class _ProbeDone(Exception):
 def derive_spec(model) -> ArchSpec:
     """An ArchSpec for ``model`` read from its modules and one probing forward (see the module doc)."""
     layers_path, layers = _decoder_layers(model)
-    layer = layers[0]
+    mixers = family_mixer.mixer_layers(layers)
+    if len(mixers) == len(layers):
+        return family_mixer.derive_spec(model, layers_path, layers, mixers)
+    first = next(i for i in range(len(layers)) if i not in dict(mixers))  # the first attention block (hybrids)
+    layer = layers[first]
     attn_name = _child(layer, ATTENTION, "attention module", layers_path)
     # an MLP whose projections are the layer's own children (OPT, XGLM, BioGPT) is the layer itself
     mlp_name = "" if _names(layer, PLAIN, None, None) else _child(layer, MLP, "MLP module", layers_path)
@@ -87,11 +92,12 @@ def derive_spec(model) -> ArchSpec:
     _refuse_unserved(attn, UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     _refuse_unserved(mlp, UNSERVED_MLP, f"{layers_path}.0.{mlp_name}")
 
-    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe)
+    _same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, gate, up, down), moe, dict(mixers))
     owner_path = layers_path.rpartition(".")[0]
     flow = _probe(model, layer, get_path(model, owner_path), {"q_norm": getattr(attn, qk_norm[0])} if qk_norm[0] else {})
     _one_stream(flow, layer, layers_path)
-    entry = family_abs.embedding_entry(model, owner_path, flow) or {}
+    first_flow = _probe(model, layers[0], get_path(model, owner_path), {}) if first else flow
+    entry = family_abs.embedding_entry(model, owner_path, first_flow) or {}
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
     # own scores and softmax watched whole (family_abs) where positions are absolute or ALiBi is on in a
     # sequential block; a parallel block's attention (Falcon, ALiBi or not) is watched op by op (inline)
@@ -127,7 +133,7 @@ def derive_spec(model) -> ArchSpec:
         versions="",
         layers=layers_path,
         embed=embed_path,
-        embed_hook_on_first_layer=not entry and _embedding_scaled(flow),
+        embed_hook_on_first_layer=not entry and _embedding_scaled(first_flow),
         embed_out=entry.get("embed_out"),
         pos_embed=entry.get("pos_embed"),
         rotary_hooks=attn_site is not family_abs.SoftmaxAttnSite and not entry.get("pos_embed"),
@@ -169,7 +175,11 @@ def derive_spec(model) -> ArchSpec:
         moe=moe,
         attn_output=between,
         mla=mla,
+        mixers=mixers,
     )
+    if mixers:
+        spec = dataclasses.replace(spec, mixer_layout=family_mixer.mixer_layout(model, spec, layers, first_flow if first else None))
+        sizes["layer_types"] = family_mixer.layer_types(spec, len(layers))
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
     sizes["use_attn_scale"] = family_abs.scales_scores(attn)
     return spec
@@ -183,8 +193,9 @@ def describe(spec) -> str:
     if spec.moe:
         mlp = family_moe.describe(spec.moe) + f" (dense blocks: {mlp})"
     projections = family_mla.describe(spec.mla) if spec.mla else f"{spec.q_proj}/{spec.k_proj}/{spec.v_proj}/{spec.o_proj}"
+    attention = f"attention {spec.attn} ({projections})" if spec.attn else "no attention"
     return (
-        f"blocks at {spec.layers}, attention {spec.attn} ({projections}), "
+        f"blocks at {spec.layers}, {attention}{family_mixer.describe(spec)}, "
         f"MLP {spec.mlp} {mlp}{' in parallel' if spec.parallel else ''}, norms {spec.ln1} / {spec.ln2}{post} "
         f"({spec.norm.tl_type}), final norm {spec.final_norm}{attention_output.describe(spec.attn_output)}"
     )
@@ -234,7 +245,7 @@ def _structural_cfg(found, model):
         window_size=getattr(config, "sliding_window", None),
         logit_scale=getattr(config, "logit_scale", None) or 1.0,
         attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
-        output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or -1.0,
+        output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None) or -1.0,
     )
 
 
@@ -247,7 +258,7 @@ def _decoder_layers(model):
     best, outer = None, []
     for name, module in model.named_modules():
         # (of modules with children: a list of projections, Gemma 3n's altup_projections, holds no blocks)
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1 and module[0]._modules:
+        if isinstance(module, nn.ModuleList) and len(module) and module[0]._modules and (len({type(m) for m in module}) == 1 or family_mixer.hybrid_blocks(module)):
             if any(name.startswith(f"{other}.") for other in outer):
                 continue
             outer.append(name)
@@ -363,9 +374,12 @@ def _dense_mlp(layers, mlp_name, moe, layers_path, config):
     return (*(moe.expert_projections or ("gate_proj", "up_proj", "down_proj")), width)
 
 
-def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, moe=None):
-    """The first block's layout is every block's, but for the blocks that hold a mixture of experts."""
+def _same_structure_in_every_layer(layers, layers_path, attn_paths, mlp_paths, moe=None, mixers=()):
+    """The first block's layout is every block's, but for the blocks that hold a mixture of experts
+    (and the mixer blocks of a hybrid, family_mixer)."""
     for i, layer in enumerate(layers):
+        if i in mixers:
+            continue
         moe_block = moe is not None and moe.is_moe(_get(layer, mlp_paths[0]) if mlp_paths[0] else layer)
         for owner, *children in (attn_paths,) if moe_block else (attn_paths, mlp_paths):
             module = _get(layer, owner) if owner else layer

@@ -55,6 +55,8 @@ class TLConfig(TLConfigFields):
     d_head_qk: int | None = None
     q_lora_rank: int | None = None
     kv_lora_rank: int | None = None
+    #: per block, "attention" or "mixer" (a state-space or hybrid model: tlshim.family_mixer); None: all attention
+    layer_types: list | None = None
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

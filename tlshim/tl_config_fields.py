@@ -90,7 +90,8 @@ class Device(str):
 def computed_fields(model, spec, fields: dict) -> dict:
     """The computed fields of TLConfigFields for one installed model (``fields``: the spec's tl_config)."""
     config = model.config
-    attn = get_path(model, f"{spec.layers}.0.{spec.attn}")
+    attention = [i for i in range(len(get_path(model, spec.layers))) if not spec.mixer(i)]  # (family_mixer)
+    attn = get_path(model, f"{spec.layers}.{attention[0]}.{spec.attn}") if attention else None
     d_head = fields["d_head"]
     scaling = getattr(attn, "scaling", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import attention_output, family_mla
+from . import attention_output, family_mixer, family_mla
 from .attention import sink_softmax
 from .spec import get_path
 from .tl_switches import all_switched_on
@@ -115,6 +115,9 @@ def _verify(model, input_ids):
         b, block = f"blocks.{i}", model.blocks[i]
         if i + 1 < cfg.n_layers:
             same(f"{b}.hook_resid_post", "equals the next block's hook_resid_pre", cache[f"{b}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"])
+        if model._tlshim.spec.mixer(i):
+            family_mixer.check_block(cache, b, same)
+            continue
         if cfg.parallel_attn_mlp:
             _parallel_block(cfg, cache, b, same, add)
         else:
