@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .family_parallel import CopyOutSite
+from .family_post import MidInputSite
 from .sites import MlpOutSite, Site, first_input
 
 #: names of the router and experts children of an MoE block, and of its shared expert and that gate
 ROUTERS = ("gate", "router")
 EXPERTS = ("experts",)
-SHARED = (("shared_expert", "shared_expert_gate"), ("shared_experts", None))
+SHARED = (("shared_expert", "shared_expert_gate"), ("shared_experts", None), ("shared_mlp", None))
 
 
 def softmax_topk(logits, k, renorm):
@@ -46,8 +48,14 @@ def topk_softmax(logits, k, renorm):
     return F.softmax(values, dim=-1, dtype=values.dtype), indices
 
 
+def topk_sigmoid(logits, k, renorm):
+    """Llama 4: top k of the logits, a sigmoid of each (no renormalisation)."""
+    values, indices = torch.topk(logits, k, dim=-1)
+    return torch.sigmoid(values.float()).to(values.dtype), indices
+
+
 #: routing functions a probe tries, in order
-ROUTES = (softmax_topk, topk_softmax)
+ROUTES = (softmax_topk, topk_softmax, topk_sigmoid)
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class MoeSpec:
 
     router: str
     experts: str
-    layout: str  # "triple", "pair" or "inline" (see the module doc)
+    layout: str  # "triple", "pair", "scores" or "inline" (see the module doc)
     route: object = None
     renorm: bool = True
     top_k: int = 2
@@ -111,7 +119,7 @@ def _spec(block, config, projections):
         layout="inline" if inline else "triple",
         renorm=bool(renorm),
         top_k=int(top_k),
-        n_experts=router_module.weight.shape[0],
+        n_experts=router_linear(router_module).weight.shape[0],
         shared=shared[0],
         shared_gate=shared[1],
         expert_projections=projections(expert_modules[0], f"{type(block).__name__}.{experts}.0") if inline else (),
@@ -127,7 +135,7 @@ def describe(moe) -> str:
 def _probe(block, spec):
     """Run ``block`` once on a fixed random input: which layout it has and which routing it does."""
     router = getattr(block, spec.router)
-    weight = router.weight
+    weight = router_linear(router).weight
     dtype = next(getattr(block, spec.experts).parameters()).dtype  # the hidden states' (a router may keep float32)
     seen = {}
     handle = router.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
@@ -139,9 +147,13 @@ def _probe(block, spec):
         handle.remove()
     out = seen.get("out")
     computed = router_logits(router, x.reshape(-1, x.shape[-1]))
-    if _indices(out) is None:
+    if isinstance(out, tuple) and len(out) == 2 and _same(out[1], computed):  # (dense scores, logits)
+        spec = _replace(spec, layout="scores")
+        indices = torch.topk(computed, spec.top_k, dim=-1).indices
+        logits, want = computed, (out[0].gather(-1, indices), indices)
+    elif _indices(out) is None:
         raise UnsupportedModelError(f"the router of {type(block).__name__} returns no expert indices where tlshim looks for them")
-    if isinstance(out, tuple) and len(out) == 2:
+    elif isinstance(out, tuple) and len(out) == 2:
         spec = _replace(spec, layout="pair", logits_out=False)
         logits, want = computed, (out[0].gather(-1, out[1]), out[1])
     elif isinstance(out, tuple):  # (logits, weights, indices); transformers 5.0 gives probabilities first
@@ -189,9 +201,21 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def router_linear(router):
+    """The module holding the router's weight: the router itself, or its one linear child (AFMoE's
+    ``gate``, Hunyuan's ``wg``)."""
+    if isinstance(getattr(router, "weight", None), torch.Tensor):
+        return router
+    linears = [m for m in router.children() if isinstance(m, nn.Linear)]
+    if len(linears) != 1:
+        raise UnsupportedModelError(f"the router {type(router).__name__} has no weight of its own and not one linear child holding it")
+    return linears[0]
+
+
 def router_logits(router, flat):
     """The router's logits, as its own forward computes them (``F.linear`` with its weight and bias)."""
-    return F.linear(flat, router.weight, getattr(router, "bias", None))
+    linear = router_linear(router)
+    return F.linear(flat, linear.weight, getattr(linear, "bias", None))
 
 
 def mixture(block, moe, x, weights, indices):
@@ -245,15 +269,24 @@ class MoeBlockSite(MlpOutSite):
         """(batch, pos) of this block's call in progress in this thread / task, else None."""
         return _LEADS.get().get(self)
 
-    def call(self, wrapped, args, kwargs):
-        x = first_input(args, kwargs)
-        token = _LEADS.set({**_LEADS.get(), self: x.shape[:-1]})
+    def __call__(self, wrapped, instance, args, kwargs):
+        token = _LEADS.set({**_LEADS.get(), self: first_input(args, kwargs).shape[:-1]})
         try:
-            if self.moe.layout == "inline" and self.router_site.routing_hooked():
-                return self._mixture(x)
-            return wrapped(*args, **kwargs)
+            return super().__call__(wrapped, instance, args, kwargs)
         finally:
             _LEADS.reset(token)
+
+    def call(self, wrapped, args, kwargs):
+        if self.moe.layout == "inline" and self.router_site.routing_hooked():
+            return self._mixture(first_input(args, kwargs))
+        return wrapped(*args, **kwargs)
+
+    def on_output(self, y):
+        """hook_mlp_out as (batch, pos, d_model) where the block returns its tokens flat (Llama 4)."""
+        lead = self.lead
+        if lead is None or y.shape[:-1] == lead:
+            return super().on_output(y)
+        return super().on_output(y.reshape(*lead, y.shape[-1])).reshape(y.shape)
 
     def _mixture(self, x):
         moe, block = self.moe, self.module
@@ -263,6 +296,18 @@ class MoeBlockSite(MlpOutSite):
         indices = _fire(self.router_site.indices, indices, self.lead)[0]
         out = mixture(block, moe, x, weights, indices)
         return (out, logits) if moe.returns_logits else out
+
+
+class MoeMidSite(MoeBlockSite, MidInputSite):
+    """The MoE block of a post-norm-only block (FlexOlmo): hook_resid_mid fires on its input."""
+
+    def __init__(self, module, path, layer_site, moe):
+        Site.__init__(self, module, path)  # (MlpOutSite's and MidInputSite's inits both want layer_site)
+        self.layer_site, self.moe, self.router_site = layer_site, moe, None
+
+
+class MoeCopySite(MoeBlockSite, CopyOutSite):
+    """The MoE block of a parallel block (Cohere2-MoE): its output handed on as a copy (CopyOutSite)."""
 
 
 class RouterSite(Site):
@@ -290,6 +335,8 @@ class RouterSite(Site):
             out = wrapped(*args, **kwargs)
         if not isinstance(out, tuple):  # inline: the gate's output is the logits
             return _fire(self.logits, out, lead)[0]
+        if moe.layout == "scores":
+            return self._scores(out, lead)
         if moe.layout == "pair":
             weights, indices = out[0].gather(-1, out[1]), out[1]
             new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
@@ -300,6 +347,21 @@ class RouterSite(Site):
             weights, indices = self._route(routed)
             logits, weights = routed, weights.to(out[1].dtype)
         return (logits, _fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0], *out[3:])
+
+    def _scores(self, out, lead):
+        """(dense scores, logits) (Llama 4): the weights gathered at the top k of the logits, the
+        scores rebuilt (zero off the chosen experts) where a hook edited the routing."""
+        scores, logits = out
+        routed = self._fired_logits(logits, lead)
+        if routed is None:
+            indices = torch.topk(logits, self.block.moe.top_k, dim=-1).indices
+            weights = scores.gather(-1, indices)
+        else:
+            (weights, indices), logits = self._route(routed), routed
+        new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
+        if routed is None and new[0] is weights and new[1] is indices:
+            return out
+        return self._dense(new)[0], logits
 
     def _fired_logits(self, logits, lead):
         """hook_router_logits fired on ``logits``: the logits to route by where a hook edited them (or
@@ -364,7 +426,8 @@ def plan_block(plan, moe, base, block, mlp_path, layer_site):
     from .weights import MlpWeights
 
     path = f"{base}.{mlp_path}"
-    site = plan.site(path, MoeBlockSite, layer_site, moe)
+    kind = MoeCopySite if plan.spec.parallel else MoeBlockSite if plan.spec.ln2 else MoeMidSite
+    site = plan.site(path, kind, layer_site, moe)
     mlp = site.module
     router = plan.site(f"{path}.{moe.router}", RouterSite, site)
     site.router_site = router

@@ -95,9 +95,6 @@ def derive_spec(model) -> ArchSpec:
     own_scores = not roles.get("parallel") and bool(entry.get("pos_embed") or family_abs.uses_alibi(attn))
     attn_site = _attention_site(model, layer, attn, f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
     first_norm = roles["ln1"] or roles["ln1_post"]
-    if moe is not None and (roles.get("parallel") or not roles["ln1"]):
-        kind = "parallel" if roles.get("parallel") else "post-norm-only"
-        raise UnsupportedModelError(f"{type(layer).__name__} at {layers_path}.0: a mixture of experts in a {kind} block is not served yet")
     norm_kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
     for role in ("ln2", "ln1_post", "ln2_post"):
         if roles.get(role) and _norm_kind(getattr(layer, roles[role]), flow, roles[role]) is not norm_kind:
