@@ -1,0 +1,190 @@
+"""Mixture-of-experts layouts beyond Mixtral's (HOOKS.md "Families"): Llama 4's router returning
+(dense scores, logits) with the scores scaling each expert's input, a router whose weight sits in a
+linear child (Hunyuan), MoE blocks in post-norm-only (FlexOlmo) and parallel (Cohere2-MoE) blocks.
+Edits of the routing against mixtures built by hand from the experts' parameters."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CONFIG_MAPPING
+
+import tlshim
+from tlshim.errors import UnsupportedModelError
+from tlshim.spec import get_path
+
+from tiny import build, tokens
+
+TYPES = ("llama4_text", "flex_olmo", "cohere2_moe", "hunyuan_v1_moe", "dots1")
+#: the routing weights each type applies to logits ``l`` at the experts (3, 1) (top k = 2 of 4)
+KNOWN_WEIGHTS = {
+    "llama4_text": lambda l: torch.sigmoid(l[..., [3, 1]]),  # top k of the logits, a sigmoid each
+    "flex_olmo": lambda l: F.softmax(l, dim=-1)[..., [3, 1]],  # softmax over all, top k, no renormalisation
+    "cohere2_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # top k, softmax over those
+    "hunyuan_v1_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # softmax, top k, renormalised: the same
+}
+
+
+@pytest.fixture(params=TYPES)
+def moe_model(request):
+    if request.param not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no {request.param}")
+    model = build(request.param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tlshim.install(model)
+    yield model
+    tlshim.uninstall(model)
+
+
+def _moe_layer(model):
+    """(index, MoE module, MoeSpec) of the first block holding a mixture."""
+    spec = model._tlshim.spec
+    i = next(i for i in range(model.cfg.n_layers) if f"blocks.{i}.mlp.hook_expert_weights" in model.hook_dict)
+    return i, get_path(model, f"{spec.layers}.{i}.{spec.mlp}"), spec.moe
+
+
+def _expert(experts, j, x, llama4):
+    """Expert j on rows x, from its stacked parameters: (E, d, 2m) used as x @ W (Llama 4) or (E, 2m, d)."""
+    if llama4:
+        gate, up = (x @ experts.gate_up_proj[j]).chunk(2, dim=-1)
+        return (up * experts.act_fn(gate)) @ experts.down_proj[j]
+    gate, up = F.linear(x, experts.gate_up_proj[j]).chunk(2, dim=-1)
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[j])
+
+
+def _by_hand(model, i, block, x, weights, indices):
+    """hook_mlp_out of block i built token by token: sum over k of weights[k] * expert(x) (Llama 4:
+    expert(weights[k] * x)), plus the shared expert (Cohere2-MoE may average the two), then the
+    post-MLP norm where the block is post-norm."""
+    flat, w, idx = x.reshape(-1, x.shape[-1]), weights.reshape(-1, weights.shape[-1]), indices.reshape(-1, indices.shape[-1])
+    llama4 = type(block).__name__ == "Llama4TextMoe"
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for k in range(idx.shape[1]):
+            row, j = flat[t : t + 1], int(idx[t, k])
+            out[t] += (_expert(block.experts, j, w[t, k] * row, True) if llama4 else w[t, k] * _expert(block.experts, j, row, False))[0]
+    shared = next((getattr(block, n) for n in ("shared_expert", "shared_experts", "shared_mlp") if hasattr(block, n)), None)
+    if shared is not None:
+        out = (out + shared(flat)) / 2 if getattr(block, "shared_expert_combination_strategy", "sum") == "average" else out + shared(flat)
+    out = out.reshape(x.shape)
+    spec = model._tlshim.spec
+    return get_path(model, f"{spec.layers}.{i}.{spec.ln2_post}")(out) if spec.ln2_post else out
+
+
+def _block_input(model, block, ids):
+    got = {}
+    handle = block.register_forward_pre_hook(lambda m, args: got.setdefault("x", args[0]))
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return got["x"]
+
+
+def test_router_hooks_hold_the_routing_the_model_applies(moe_model):
+    """Shapes, the logits = the router's weight applied by hand, and the cached routing rebuilds the block's output."""
+    ids = tokens()
+    i, block, moe = _moe_layer(moe_model)
+    names = [f"blocks.{i}.mlp.hook_{n}" for n in ("router_logits", "expert_weights", "expert_indices")] + [f"blocks.{i}.hook_mlp_out"]
+    with torch.no_grad():
+        x = _block_input(moe_model, block, ids)
+        _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
+        logits, weights, indices, mlp_out = (cache[n] for n in names)
+        assert (logits.shape, weights.shape, indices.shape) == ((2, 12, 4), (2, 12, 2), (2, 12, 2))
+        router = getattr(block, moe.router)
+        weight = router.weight if isinstance(getattr(router, "weight", None), torch.Tensor) else next(router.children()).weight
+        assert torch.equal(logits, F.linear(x, weight))
+        torch.testing.assert_close(mlp_out, _by_hand(moe_model, i, block, x, weights, indices), rtol=1e-4, atol=1e-4)
+    assert tlshim.verify(moe_model, ids).ok
+
+
+def test_expert_weights_edit_is_the_hand_built_mixture(moe_model):
+    ids = tokens()
+    i, block, _ = _moe_layer(moe_model)
+    seen = {}
+
+    def edit(weights, hook):
+        seen["weights"] = weights.clone()
+        return torch.stack([2.5 * weights[..., 0], -weights[..., 1]], dim=-1)
+
+    names = (f"blocks.{i}.mlp.hook_expert_indices", f"blocks.{i}.hook_mlp_out")
+    with torch.no_grad():
+        x = _block_input(moe_model, block, ids)
+        plain = moe_model.run_with_cache(ids, names_filter=lambda n: n == names[1], use_cache=False)[1][names[1]]
+        with moe_model.hooks(fwd_hooks=[(f"blocks.{i}.mlp.hook_expert_weights", edit)]):
+            _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
+        want = _by_hand(moe_model, i, block, x, edit(seen["weights"], None), cache[names[0]])
+    torch.testing.assert_close(cache[names[1]], want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, want, atol=1e-3)  # the edit did change it
+
+
+def test_router_logits_edit_is_routed_by_the_models_own_function(moe_model):
+    """Logits set to (0, 1, -1, 2) for every token: experts (3, 1) everywhere, with the type's own weights."""
+    ids = tokens()
+    i, block, _ = _moe_layer(moe_model)
+    known = torch.tensor([0.0, 1.0, -1.0, 2.0])
+    names = [f"blocks.{i}.mlp.hook_expert_weights", f"blocks.{i}.mlp.hook_expert_indices", f"blocks.{i}.hook_mlp_out"]
+    with torch.no_grad():
+        x = _block_input(moe_model, block, ids)
+        with moe_model.hooks(fwd_hooks=[(f"blocks.{i}.mlp.hook_router_logits", lambda l, hook: known.expand_as(l).clone())]):
+            _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
+    weights, indices, mlp_out = (cache[n] for n in names)
+    assert (indices == torch.tensor([3, 1])).all()
+    if moe_model.config.model_type in KNOWN_WEIGHTS:
+        torch.testing.assert_close(weights, KNOWN_WEIGHTS[moe_model.config.model_type](known).expand_as(weights))
+    torch.testing.assert_close(mlp_out, _by_hand(moe_model, i, block, x, weights, indices), rtol=1e-4, atol=1e-4)
+
+
+def test_the_block_kind_keeps_its_residual_rule(moe_model):
+    """Parallel (Cohere2-MoE): resid_post = resid_pre + attn_out + mlp_out, no resid_mid; post-norm-only
+    (FlexOlmo): hook_resid_mid is what the MoE block reads, and an edit of it reaches the block's input."""
+    ids = tokens()
+    i, block, moe = _moe_layer(moe_model)
+    cfg = moe_model.cfg
+    with torch.no_grad():
+        _, cache = moe_model.run_with_cache(ids, use_cache=False)
+    pre, post = cache[f"blocks.{i}.hook_resid_pre"], cache[f"blocks.{i}.hook_resid_post"]
+    if cfg.parallel_attn_mlp:
+        assert f"blocks.{i}.hook_resid_mid" not in moe_model.hook_dict
+        assert torch.equal(post, pre + cache[f"blocks.{i}.hook_attn_out"] + cache[f"blocks.{i}.hook_mlp_out"])
+        return
+    assert torch.equal(post, cache[f"blocks.{i}.hook_resid_mid"] + cache[f"blocks.{i}.hook_mlp_out"])
+    vector = torch.randn(cfg.d_model, generator=torch.Generator().manual_seed(5))
+    seen = {}
+    # (the router's input: a pre-hook on the block itself runs before tlshim's wrapper fires resid_mid)
+    handle = getattr(block, moe.router).register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            moe_model.run_with_hooks(ids, fwd_hooks=[(f"blocks.{i}.hook_resid_mid", lambda r, hook: r + vector)], use_cache=False)
+    finally:
+        handle.remove()
+    want = cache[f"blocks.{i}.hook_resid_mid"] + vector
+    if moe_model._tlshim.spec.ln2:  # the MoE block reads the pre-MLP norm of resid_mid
+        want = get_path(moe_model, f"{moe_model._tlshim.spec.layers}.{i}.{moe_model._tlshim.spec.ln2}")(want)
+    torch.testing.assert_close(seen["x"].reshape(want.shape), want, rtol=0, atol=1e-6)
+
+
+def test_a_router_with_no_known_routing_serves_the_routing_and_refuses_a_logits_edit():
+    """AFMoE's router (sigmoid scores, top k of scores + an expert bias, renormalised and scaled) matches
+    none of tlshim's routing functions: its weights and indices are still hooked; an edit of
+    hook_router_logits names what to edit instead. (Its attention's output gate is served elsewhere, so
+    the mixture is probed on its own.)"""
+    if "afmoe" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no afmoe")
+    from tlshim import family_moe
+    from tlshim.structure import _mlp_projections
+
+    model = build("afmoe")
+    blocks = [layer.mlp for layer in model.model.layers]
+    with torch.no_grad():  # (its router and bias start at zero: every expert ties)
+        for block in blocks[1:]:
+            block.router.gate.weight.normal_(generator=torch.Generator().manual_seed(0))
+            block.expert_bias.copy_(torch.tensor([0.5, -0.5, 0.25, 0.0]))
+    moe = family_moe.detect(blocks, model.config, _mlp_projections)
+    assert (moe.router, moe.layout, moe.route, moe.shared, moe.n_experts, moe.top_k) == ("router", "triple", None, "shared_experts", 4, 2)
+    with pytest.raises(UnsupportedModelError, match="hook_expert_weights"):
+        family_moe.RouterSite(None, "model.layers.1.mlp.router", type("B", (), {"moe": moe})())._route(torch.zeros(1, 4))
