@@ -48,7 +48,10 @@ def _moe_layer(model):
 
 
 def _expert(experts, j, x, llama4):
-    """Expert j on rows x, from its stacked parameters: (E, d, 2m) used as x @ W (Llama 4) or (E, 2m, d)."""
+    """Expert j on rows x: its own module (4.x), or from the stacked parameters: (E, d, 2m) used as
+    x @ W (Llama 4) or (E, 2m, d)."""
+    if isinstance(experts, torch.nn.ModuleList):
+        return experts[j](x)
     if llama4:
         gate, up = (x @ experts.gate_up_proj[j]).chunk(2, dim=-1)
         return (up * experts.act_fn(gate)) @ experts.down_proj[j]

@@ -1,16 +1,18 @@
 """Mixture-of-experts MLPs (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, ...): router and per-expert hooks.
 
-Three layouts, told apart on a probe of one MoE block (``detect``), never by version number:
+Layouts, told apart on a probe of one MoE block (``detect``), never by version number:
 - a router module returning (logits, weights, indices) and one experts module of 3-D parameters fed
   (hidden, indices, weights) (transformers 5.x): the router hooks fire on the router's output
   (where its first output is not the logits, as in 5.0's probabilities, see the next layout);
 - a router returning (dense scores over all experts, indices) (gpt-oss on 4.x): the same, the
   weights gathered out of (and an edit scattered back into) the dense scores, the logits computed
   from the router's own weight while hooked;
+- "scores": (dense scores, logits) (Llama 4): the weights gathered at the top k of the logits;
+- "routing": (indices, weights) (DeepSeek-V3-like blocks on 4.x: dots1, GLM-4-MoE): hooked as they are;
 - an ``nn.Linear`` gate whose output is the logits, the routing done inline in the block and the
   experts a ModuleList of MLPs (4.x): while hook_expert_weights / hook_expert_indices hold a hook,
-  tlshim runs the block's mixture itself in the block's own ops (bit for bit when unedited); the
-  experts have per-expert hook_pre / hook_post.
+  tlshim runs the block's mixture itself in the block's own ops (bit for bit when unedited).
+Experts in a ModuleList have per-expert hook_pre / hook_post.
 An edited hook_router_logits is routed again by the routing function the probe matched (data below).
 """
 
@@ -64,7 +66,7 @@ class MoeSpec:
 
     router: str
     experts: str
-    layout: str  # "triple", "pair", "scores" or "inline" (see the module doc)
+    layout: str  # "triple", "pair", "scores", "routing" or "inline" (see the module doc)
     route: object = None
     renorm: bool = True
     top_k: int = 2
@@ -75,8 +77,10 @@ class MoeSpec:
     returns_logits: bool = False
     #: the router's (first) output is its logits; else they are computed from its weight while hooked
     logits_out: bool = True
-    #: (gate, up, down) projection names of one expert module (inline layout)
+    #: (gate, up, down) projection names of one expert module (experts in a ModuleList)
     expert_projections: tuple = ()
+    #: the block feeds its router (tokens, d) rows, else its own (batch, pos, d) input (Hunyuan on 4.x)
+    router_rows: bool = True
 
     def is_moe(self, mlp) -> bool:
         return isinstance(getattr(mlp, self.router, None), nn.Module) and isinstance(getattr(mlp, self.experts, None), nn.Module)
@@ -138,7 +142,7 @@ def _probe(block, spec):
     weight = router_linear(router).weight
     dtype = next(getattr(block, spec.experts).parameters()).dtype  # the hidden states' (a router may keep float32)
     seen = {}
-    handle = router.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
+    handle = router.register_forward_hook(lambda m, args, out: seen.update(out=out, rows=args[0].dim() == 2))
     x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
     try:
         with torch.no_grad():
@@ -146,11 +150,15 @@ def _probe(block, spec):
     finally:
         handle.remove()
     out = seen.get("out")
+    spec = _replace(spec, router_rows=seen.get("rows", True))
     computed = router_logits(router, x.reshape(-1, x.shape[-1]))
     if isinstance(out, tuple) and len(out) == 2 and _same(out[1], computed):  # (dense scores, logits)
         spec = _replace(spec, layout="scores")
         indices = torch.topk(computed, spec.top_k, dim=-1).indices
         logits, want = computed, (out[0].gather(-1, indices), indices)
+    elif isinstance(out, tuple) and len(out) == 2 and not out[0].is_floating_point():  # (indices, weights)
+        spec = _replace(spec, layout="routing", logits_out=False)
+        logits, want = computed, (out[1], out[0])
     elif _indices(out) is None:
         raise UnsupportedModelError(f"the router of {type(block).__name__} returns no expert indices where tlshim looks for them")
     elif isinstance(out, tuple) and len(out) == 2:
@@ -290,7 +298,7 @@ class MoeBlockSite(MlpOutSite):
 
     def _mixture(self, x):
         moe, block = self.moe, self.module
-        logits = getattr(block, moe.router)(x.reshape(-1, x.shape[-1]))
+        logits = getattr(block, moe.router)(x.reshape(-1, x.shape[-1]) if moe.router_rows else x).reshape(-1, moe.n_experts)
         weights, indices = moe.route(logits, moe.top_k, moe.renorm)
         weights = _fire(self.router_site.weights, weights, self.lead)[0]
         indices = _fire(self.router_site.indices, indices, self.lead)[0]
@@ -330,13 +338,16 @@ class RouterSite(Site):
             if routed is None:
                 out = wrapped(*args, **kwargs)
             else:
-                out = self._dense(self._route(routed)) if moe.layout == "pair" else (routed, *self._route(routed))
+                out = self._routed(routed)
         else:
             out = wrapped(*args, **kwargs)
         if not isinstance(out, tuple):  # inline: the gate's output is the logits
             return _fire(self.logits, out, lead)[0]
         if moe.layout == "scores":
             return self._scores(out, lead)
+        if moe.layout == "routing":
+            new = (_fire(self.indices, out[0], lead)[0], _fire(self.weights, out[1], lead)[0])
+            return out if new[0] is out[0] and new[1] is out[1] else new
         if moe.layout == "pair":
             weights, indices = out[0].gather(-1, out[1]), out[1]
             new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
@@ -347,6 +358,12 @@ class RouterSite(Site):
             weights, indices = self._route(routed)
             logits, weights = routed, weights.to(out[1].dtype)
         return (logits, _fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0], *out[3:])
+
+    def _routed(self, logits):
+        """The router's output for (edited) ``logits`` the router does not return, in its layout."""
+        weights, indices = self._route(logits)
+        layout = self.block.moe.layout
+        return self._dense((weights, indices)) if layout == "pair" else (indices, weights) if layout == "routing" else (logits, weights, indices)
 
     def _scores(self, out, lead):
         """(dense scores, logits) (Llama 4): the weights gathered at the top k of the logits, the
@@ -437,7 +454,7 @@ def plan_block(plan, moe, base, block, mlp_path, layer_site):
         point = plan.point(f"{block}.mlp.hook_{attr}", mlp, f"hook_{attr}", router, site)
         setattr(router, attr.split("_")[-1], point)
     plan.swap(mlp, MoeWeights, f"{block}.mlp")
-    if moe.layout != "inline":
+    if not moe.expert_projections:
         return
     gate, up, down = moe.expert_projections
     for j, expert in enumerate(getattr(mlp, moe.experts)):
