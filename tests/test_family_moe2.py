@@ -18,13 +18,15 @@ from tlshim.spec import get_path
 
 from tiny import build, tokens
 
-TYPES = ("llama4_text", "flex_olmo", "cohere2_moe", "hunyuan_v1_moe", "dots1")
+TYPES = ("llama4_text", "flex_olmo", "cohere2_moe", "hunyuan_v1_moe", "dots1", "granitemoe", "granitemoeshared")
 #: the routing weights each type applies to logits ``l`` at the experts (3, 1) (top k = 2 of 4)
 KNOWN_WEIGHTS = {
     "llama4_text": lambda l: torch.sigmoid(l[..., [3, 1]]),  # top k of the logits, a sigmoid each
     "flex_olmo": lambda l: F.softmax(l, dim=-1)[..., [3, 1]],  # softmax over all, top k, no renormalisation
     "cohere2_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # top k, softmax over those
     "hunyuan_v1_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # softmax, top k, renormalised: the same
+    "granitemoe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),
+    "granitemoeshared": lambda l: F.softmax(l[..., [3, 1]], dim=-1),
 }
 
 
@@ -47,9 +49,13 @@ def _moe_layer(model):
     return i, get_path(model, f"{spec.layers}.{i}.{spec.mlp}"), spec.moe
 
 
-def _expert(experts, j, x, llama4):
+def _expert(block, j, x, llama4):
     """Expert j on rows x: its own module (4.x), or from the stacked parameters: (E, d, 2m) used as
-    x @ W (Llama 4) or (E, 2m, d)."""
+    x @ W (Llama 4), GraniteMoE's input_linear / output_linear before 5.23, or (E, 2m, d)."""
+    if hasattr(block, "input_linear"):
+        gate, up = F.linear(x, block.input_linear.weight[j]).chunk(2, dim=-1)
+        return F.linear(block.activation(gate) * up, block.output_linear.weight[j])
+    experts = block.experts
     if isinstance(experts, torch.nn.ModuleList):
         return experts[j](x)
     if llama4:
@@ -69,7 +75,7 @@ def _by_hand(model, i, block, x, weights, indices):
     for t in range(flat.shape[0]):
         for k in range(idx.shape[1]):
             row, j = flat[t : t + 1], int(idx[t, k])
-            out[t] += (_expert(block.experts, j, w[t, k] * row, True) if llama4 else w[t, k] * _expert(block.experts, j, row, False))[0]
+            out[t] += (_expert(block, j, w[t, k] * row, True) if llama4 else w[t, k] * _expert(block, j, row, False))[0]
     shared = next((getattr(block, n) for n in ("shared_expert", "shared_experts", "shared_mlp") if hasattr(block, n)), None)
     if shared is not None:
         out = (out + shared(flat)) / 2 if getattr(block, "shared_expert_combination_strategy", "sum") == "average" else out + shared(flat)

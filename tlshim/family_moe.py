@@ -9,6 +9,8 @@ Layouts, told apart on a probe of one MoE block (``detect``), never by version n
   from the router's own weight while hooked;
 - "scores": (dense scores, logits) (Llama 4): the weights gathered at the top k of the logits;
 - "routing": (indices, weights) (DeepSeek-V3-like blocks on 4.x: dots1, GLM-4-MoE): hooked as they are;
+- "sorted": (slots sorted by expert, their tokens, their gates, tokens per expert, logits) (GraniteMoE
+  before 5.23): the weights and indices read back per token, an edit sorted again as the router does;
 - an ``nn.Linear`` gate whose output is the logits, the routing done inline in the block and the
   experts a ModuleList of MLPs (4.x): while hook_expert_weights / hook_expert_indices hold a hook,
   tlshim runs the block's mixture itself in the block's own ops (bit for bit when unedited).
@@ -32,7 +34,7 @@ from .sites import MlpOutSite, Site, first_input
 
 #: names of the router and experts children of an MoE block, and of its shared expert and that gate
 ROUTERS = ("gate", "router")
-EXPERTS = ("experts",)
+EXPERTS = ("experts", "input_linear")  # input_linear: GraniteMoE's stacked first layer before 5.23
 SHARED = (("shared_expert", "shared_expert_gate"), ("shared_experts", None), ("shared_mlp", None))
 
 
@@ -66,7 +68,7 @@ class MoeSpec:
 
     router: str
     experts: str
-    layout: str  # "triple", "pair", "scores", "routing" or "inline" (see the module doc)
+    layout: str  # "triple", "pair", "scores", "routing", "sorted" or "inline" (see the module doc)
     route: object = None
     renorm: bool = True
     top_k: int = 2
@@ -154,8 +156,10 @@ def _probe(block, spec):
     computed = router_logits(router, x.reshape(-1, x.shape[-1]))
     if isinstance(out, tuple) and len(out) == 2 and _same(out[1], computed):  # (dense scores, logits)
         spec = _replace(spec, layout="scores")
-        indices = torch.topk(computed, spec.top_k, dim=-1).indices
-        logits, want = computed, (out[0].gather(-1, indices), indices)
+        logits, want = computed, _gathered(out[0], computed, spec.top_k)
+    elif isinstance(out, tuple) and len(out) == 5 and _same(out[4], computed):  # GraniteMoE's sorted slots
+        spec = _replace(spec, layout="sorted")
+        logits, want = computed, _unsort(out, spec.top_k)
     elif isinstance(out, tuple) and len(out) == 2 and not out[0].is_floating_point():  # (indices, weights)
         spec = _replace(spec, layout="routing", logits_out=False)
         logits, want = computed, (out[1], out[0])
@@ -195,6 +199,29 @@ def _indices(out):
         return out
     found = out[1] if len(out) == 2 else out[2] if len(out) >= 3 else None
     return found if isinstance(found, torch.Tensor) and not found.is_floating_point() else None
+
+
+def _gathered(scores, logits, k):
+    """(weights, indices) of Llama 4's router output: the scores at the top k of the logits."""
+    indices = torch.topk(logits, k, dim=-1).indices
+    return scores.gather(-1, indices), indices
+
+
+def _unsort(out, k):
+    """(weights, indices), (tokens, k) each, of GraniteMoE's router output sorted by expert."""
+    order, _, gates, sizes = out[:4]
+    experts = torch.repeat_interleave(torch.arange(len(sizes), device=order.device), torch.tensor(sizes, device=order.device))
+    weights, indices = torch.empty_like(gates), torch.empty_like(order)
+    weights[order], indices[order] = gates, experts
+    return weights.view(-1, k), indices.view(-1, k)
+
+
+def _sort(weights, indices, n_experts, logits):
+    """GraniteMoE's router output for the given routing, in its router's own ops."""
+    flat = indices.flatten()
+    _, order = flat.sort(0)
+    sizes = torch.bincount(flat, minlength=n_experts).tolist()
+    return order, order.div(indices.shape[-1], rounding_mode="trunc"), weights.flatten()[order], sizes, logits
 
 
 def _same(a, b) -> bool:
@@ -343,8 +370,10 @@ class RouterSite(Site):
             out = wrapped(*args, **kwargs)
         if not isinstance(out, tuple):  # inline: the gate's output is the logits
             return _fire(self.logits, out, lead)[0]
-        if moe.layout == "scores":
-            return self._scores(out, lead)
+        if moe.layout == "scores":  # (dense scores, logits) (Llama 4): the weights at the top k of the logits
+            return self._rebuilt(out, out[1], lambda: _gathered(*out, moe.top_k), lambda w, i, l: (self._dense((w, i))[0], l), lead)
+        if moe.layout == "sorted":
+            return self._rebuilt(out, out[4], lambda: _unsort(out, moe.top_k), lambda w, i, l: _sort(w, i, moe.n_experts, l), lead)
         if moe.layout == "routing":
             new = (_fire(self.indices, out[0], lead)[0], _fire(self.weights, out[1], lead)[0])
             return out if new[0] is out[0] and new[1] is out[1] else new
@@ -365,20 +394,19 @@ class RouterSite(Site):
         layout = self.block.moe.layout
         return self._dense((weights, indices)) if layout == "pair" else (indices, weights) if layout == "routing" else (logits, weights, indices)
 
-    def _scores(self, out, lead):
-        """(dense scores, logits) (Llama 4): the weights gathered at the top k of the logits, the
-        scores rebuilt (zero off the chosen experts) where a hook edited the routing."""
-        scores, logits = out
+    def _rebuilt(self, out, logits, read, build, lead):
+        """A router whose output holds the routing in another form: ``read()`` gives (weights,
+        indices); where a hook edited the logits or the routing, ``build(weights, indices, logits)``
+        gives the router's output again."""
         routed = self._fired_logits(logits, lead)
         if routed is None:
-            indices = torch.topk(logits, self.block.moe.top_k, dim=-1).indices
-            weights = scores.gather(-1, indices)
+            weights, indices = read()
         else:
             (weights, indices), logits = self._route(routed), routed
         new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
         if routed is None and new[0] is weights and new[1] is indices:
             return out
-        return self._dense(new)[0], logits
+        return build(*new, logits)
 
     def _fired_logits(self, logits, lead):
         """hook_router_logits fired on ``logits``: the logits to route by where a hook edited them (or
@@ -410,7 +438,7 @@ class MoeWeights:
             f"blocks[i].mlp.experts[j].{name} (expert j of {len(experts)})"
             if isinstance(experts, nn.ModuleList)
             else "the experts' stacked parameters "
-            + ", ".join(f"blocks[i].mlp.experts.{n}" for n, _ in experts.named_parameters())
+            + ", ".join(f"blocks[i].mlp.{type(self)._tlshim_spec.moe.experts}.{n}" for n, _ in experts.named_parameters())
         )
         return UnsupportedModelError(
             f"blocks[i].mlp.{name} does not exist on a mixture-of-experts block: each expert has its own; use {form}"
