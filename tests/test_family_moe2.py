@@ -18,7 +18,9 @@ from tlshim.spec import get_path
 
 from tiny import build, tokens
 
-TYPES = ("llama4_text", "flex_olmo", "cohere2_moe", "hunyuan_v1_moe", "dots1", "granitemoe", "granitemoeshared")
+TYPES = (
+    "llama4_text", "flex_olmo", "cohere2_moe", "hunyuan_v1_moe", "dots1", "granitemoe", "granitemoeshared", "glm4_moe", "solar_open",
+)  # fmt: skip
 #: the routing weights each type applies to logits ``l`` at the experts (3, 1) (top k = 2 of 4)
 KNOWN_WEIGHTS = {
     "llama4_text": lambda l: torch.sigmoid(l[..., [3, 1]]),  # top k of the logits, a sigmoid each
@@ -132,14 +134,21 @@ def test_expert_weights_edit_is_the_hand_built_mixture(moe_model):
 
 
 def test_router_logits_edit_is_routed_by_the_models_own_function(moe_model):
-    """Logits set to (0, 1, -1, 2) for every token: experts (3, 1) everywhere, with the type's own weights."""
+    """Logits set to (0, 1, -1, 2) for every token: experts (3, 1) everywhere, with the type's own weights
+    (where the block routes the logits itself, GLM-4-MoE on 5.0-5.12, by its own code; where the router
+    routes them by a function tlshim does not know, the edit raises naming what to edit instead)."""
     ids = tokens()
-    i, block, _ = _moe_layer(moe_model)
+    i, block, moe = _moe_layer(moe_model)
     known = torch.tensor([0.0, 1.0, -1.0, 2.0])
     names = [f"blocks.{i}.mlp.hook_expert_weights", f"blocks.{i}.mlp.hook_expert_indices", f"blocks.{i}.hook_mlp_out"]
+    hooks = [(f"blocks.{i}.mlp.hook_router_logits", lambda l, hook: known.expand_as(l).clone())]
+    if moe.route is None and moe.layout != "logits":
+        with pytest.raises(UnsupportedModelError, match="hook_expert_weights"):
+            moe_model.run_with_hooks(ids, fwd_hooks=hooks, use_cache=False)
+        return
     with torch.no_grad():
         x = _block_input(moe_model, block, ids)
-        with moe_model.hooks(fwd_hooks=[(f"blocks.{i}.mlp.hook_router_logits", lambda l, hook: known.expand_as(l).clone())]):
+        with moe_model.hooks(fwd_hooks=hooks):
             _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
     weights, indices, mlp_out = (cache[n] for n in names)
     assert (indices == torch.tensor([3, 1])).all()

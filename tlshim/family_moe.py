@@ -9,6 +9,9 @@ Layouts, told apart on a probe of one MoE block (``detect``), never by version n
   from the router's own weight while hooked;
 - "scores": (dense scores, logits) (Llama 4): the weights gathered at the top k of the logits;
 - "routing": (indices, weights) (DeepSeek-V3-like blocks on 4.x: dots1, GLM-4-MoE): hooked as they are;
+- "logits": the logits alone, the block routing them itself and feeding its experts module (hidden,
+  indices, weights) (GLM-4-MoE on 5.0-5.12, DBRX): the weights and indices hooked on the experts'
+  arguments, an edit of the logits routed by the block's own code;
 - "sorted": (slots sorted by expert, their tokens, their gates, tokens per expert, logits) (GraniteMoE
   before 5.23): the weights and indices read back per token, an edit sorted again as the router does;
 - an ``nn.Linear`` gate whose output is the logits, the routing done inline in the block and the
@@ -68,7 +71,7 @@ class MoeSpec:
 
     router: str
     experts: str
-    layout: str  # "triple", "pair", "scores", "routing", "sorted" or "inline" (see the module doc)
+    layout: str  # "triple", "pair", "scores", "routing", "sorted", "logits" or "inline" (see the module doc)
     route: object = None
     renorm: bool = True
     top_k: int = 2
@@ -83,6 +86,8 @@ class MoeSpec:
     expert_projections: tuple = ()
     #: the block feeds its router (tokens, d) rows, else its own (batch, pos, d) input (Hunyuan on 4.x)
     router_rows: bool = True
+    #: positions of (indices, weights) among the experts module's arguments ("logits" layout)
+    expert_args: tuple = ()
 
     def is_moe(self, mlp) -> bool:
         return isinstance(getattr(mlp, self.router, None), nn.Module) and isinstance(getattr(mlp, self.experts, None), nn.Module)
@@ -144,13 +149,17 @@ def _probe(block, spec):
     weight = router_linear(router).weight
     dtype = next(getattr(block, spec.experts).parameters()).dtype  # the hidden states' (a router may keep float32)
     seen = {}
-    handle = router.register_forward_hook(lambda m, args, out: seen.update(out=out, rows=args[0].dim() == 2))
+    handles = (
+        router.register_forward_hook(lambda m, args, out: seen.update(out=out, rows=args[0].dim() == 2)),
+        getattr(block, spec.experts).register_forward_hook(lambda m, args, out: seen.update(expert_args=args)),
+    )
     x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
     try:
         with torch.no_grad():
             native = block(x)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     out = seen.get("out")
     spec = _replace(spec, router_rows=seen.get("rows", True))
     computed = router_logits(router, x.reshape(-1, x.shape[-1]))
@@ -173,6 +182,10 @@ def _probe(block, spec):
         logits, want = computed, (out[1], out[2])
     elif spec.layout == "inline":
         logits, want = out, None
+    elif _routing_args(seen.get("expert_args", ())):
+        positions = _routing_args(seen["expert_args"])
+        spec = _replace(spec, layout="logits", expert_args=positions)
+        logits, want = computed, (seen["expert_args"][positions[1]], seen["expert_args"][positions[0]])
     else:
         raise UnsupportedModelError(f"the router of {type(block).__name__} returns {type(out).__name__}, not (logits, weights, indices)")
     spec = _replace(spec, returns_logits=isinstance(native, tuple))
@@ -199,6 +212,15 @@ def _indices(out):
         return out
     found = out[1] if len(out) == 2 else out[2] if len(out) >= 3 else None
     return found if isinstance(found, torch.Tensor) and not found.is_floating_point() else None
+
+
+def _routing_args(args):
+    """Positions of (indices, weights) among an experts module's arguments: a (tokens, k) integer
+    tensor and a floating one of the same shape; () where there are none."""
+    tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 2]
+    ints = [i for i, a in tensors if not a.is_floating_point()]
+    floats = [i for i, a in tensors if a.is_floating_point() and ints and a.shape == args[ints[0]].shape]
+    return (ints[0], floats[0]) if len(ints) == 1 and len(floats) == 1 else ()
 
 
 def _gathered(scores, logits, k):
@@ -429,6 +451,22 @@ class RouterSite(Site):
         return dense.scatter_(-1, indices, weights), indices
 
 
+class ExpertsSite(Site):
+    """The experts module of a block that routes its logits itself ("logits" layout):
+    hook_expert_indices / hook_expert_weights fire on the routing it is given."""
+
+    def __init__(self, module, path, block_site):
+        super().__init__(module, path)
+        self.block = block_site
+        self.weights = self.indices = None
+
+    def call(self, wrapped, args, kwargs):
+        (i, w), lead, args = self.block.moe.expert_args, self.block.lead, list(args)
+        args[i] = _fire(self.indices, args[i], lead)[0]
+        args[w] = _fire(self.weights, args[w], lead)[0]
+        return wrapped(*args, **kwargs)
+
+
 class MoeWeights:
     """An MoE block's weights: per expert, never one matrix; the error names the per-expert form."""
 
@@ -478,9 +516,11 @@ def plan_block(plan, moe, base, block, mlp_path, layer_site):
     site.router_site = router
     # inline routing that no known function reproduces: the weights and indices are nowhere to be seen
     served = ("router_logits",) if moe.layout == "inline" and moe.route is None else ("router_logits", "expert_weights", "expert_indices")
+    routing = plan.site(f"{path}.{moe.experts}", ExpertsSite, site) if moe.layout == "logits" else router
     for attr in served:
-        point = plan.point(f"{block}.mlp.hook_{attr}", mlp, f"hook_{attr}", router, site)
-        setattr(router, attr.split("_")[-1], point)
+        owner = router if attr == "router_logits" else routing
+        point = plan.point(f"{block}.mlp.hook_{attr}", mlp, f"hook_{attr}", owner, site)
+        setattr(owner, attr.split("_")[-1], point)
     plan.swap(mlp, MoeWeights, f"{block}.mlp")
     if not moe.expert_projections:
         return
