@@ -20,6 +20,7 @@ from tiny import build, tokens
 
 TYPES = (
     "llama4_text", "flex_olmo", "cohere2_moe", "hunyuan_v1_moe", "dots1", "granitemoe", "granitemoeshared", "glm4_moe", "solar_open",
+    "ernie4_5_moe",
 )  # fmt: skip
 #: the routing weights each type applies to logits ``l`` at the experts (3, 1) (top k = 2 of 4)
 KNOWN_WEIGHTS = {
@@ -27,6 +28,7 @@ KNOWN_WEIGHTS = {
     "flex_olmo": lambda l: F.softmax(l, dim=-1)[..., [3, 1]],  # softmax over all, top k, no renormalisation
     "cohere2_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # top k, softmax over those
     "hunyuan_v1_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # softmax, top k, renormalised: the same
+    "ernie4_5_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # router output (logits, indices, weights)
     "granitemoe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),
     "granitemoeshared": lambda l: F.softmax(l[..., [3, 1]], dim=-1),
 }

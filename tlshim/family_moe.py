@@ -88,6 +88,8 @@ class MoeSpec:
     router_rows: bool = True
     #: positions of (indices, weights) among the experts module's arguments ("logits" layout)
     expert_args: tuple = ()
+    #: where the weights sit in a (logits, weights, indices) router output (2: ERNIE-4.5's (logits, indices, weights))
+    weights_at: int = 1
 
     def is_moe(self, mlp) -> bool:
         return isinstance(getattr(mlp, self.router, None), nn.Module) and isinstance(getattr(mlp, self.experts, None), nn.Module)
@@ -178,8 +180,9 @@ def _probe(block, spec):
         spec = _replace(spec, layout="pair", logits_out=False)
         logits, want = computed, (out[0].gather(-1, out[1]), out[1])
     elif isinstance(out, tuple):  # (logits, weights, indices); transformers 5.0 gives probabilities first
-        spec = _replace(spec, logits_out=_same(out[0], computed))
-        logits, want = computed, (out[1], out[2])
+        w = 1 if _is_index(out[2]) else 2
+        spec = _replace(spec, logits_out=_same(out[0], computed), weights_at=w)
+        logits, want = computed, (out[w], out[3 - w])
     elif spec.layout == "inline":
         logits, want = out, None
     elif _routing_args(seen.get("expert_args", ())):
@@ -210,8 +213,17 @@ def _indices(out):
     logits themselves for a gate whose output is a tensor."""
     if not isinstance(out, tuple):
         return out
-    found = out[1] if len(out) == 2 else out[2] if len(out) >= 3 else None
-    return found if isinstance(found, torch.Tensor) and not found.is_floating_point() else None
+    found = [out[1]] if len(out) == 2 else out[2:0:-1] if len(out) >= 3 else []
+    return next((each for each in found if _is_index(each)), None)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, torch.Tensor) and not value.is_floating_point()
+
+
+def _triple(logits, weights, indices, weights_at):
+    """A router's (logits, weights, indices) output, the weights at ``weights_at`` (1 or 2)."""
+    return (logits, weights, indices) if weights_at == 1 else (logits, indices, weights)
 
 
 def _routing_args(args):
@@ -403,18 +415,21 @@ class RouterSite(Site):
             weights, indices = out[0].gather(-1, out[1]), out[1]
             new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
             return out if new[0] is weights and new[1] is indices else self._dense(new)
-        logits, weights, indices = out[:3]
+        w = moe.weights_at
+        logits, weights, indices = out[0], out[w], out[3 - w]
         routed = self._fired_logits(logits, lead) if moe.logits_out else None
         if routed is not None:
             weights, indices = self._route(routed)
-            logits, weights = routed, weights.to(out[1].dtype)
-        return (logits, _fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0], *out[3:])
+            logits, weights = routed, weights.to(out[w].dtype)
+        return (*_triple(logits, _fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0], w), *out[3:])
 
     def _routed(self, logits):
         """The router's output for (edited) ``logits`` the router does not return, in its layout."""
         weights, indices = self._route(logits)
         layout = self.block.moe.layout
-        return self._dense((weights, indices)) if layout == "pair" else (indices, weights) if layout == "routing" else (logits, weights, indices)
+        if layout in ("pair", "routing"):
+            return self._dense((weights, indices)) if layout == "pair" else (indices, weights)
+        return _triple(logits, weights, indices, self.block.moe.weights_at)
 
     def _rebuilt(self, out, logits, read, build, lead):
         """A router whose output holds the routing in another form: ``read()`` gives (weights,
