@@ -20,7 +20,7 @@ from tiny import build, tokens
 
 TYPES = (
     "llama4_text", "flex_olmo", "cohere2_moe", "hunyuan_v1_moe", "dots1", "granitemoe", "granitemoeshared", "glm4_moe", "solar_open",
-    "ernie4_5_moe",
+    "ernie4_5_moe", "dbrx",
 )  # fmt: skip
 #: the routing weights each type applies to logits ``l`` at the experts (3, 1) (top k = 2 of 4)
 KNOWN_WEIGHTS = {
@@ -30,6 +30,7 @@ KNOWN_WEIGHTS = {
     "hunyuan_v1_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # softmax, top k, renormalised: the same
     "ernie4_5_moe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # router output (logits, indices, weights)
     "granitemoe": lambda l: F.softmax(l[..., [3, 1]], dim=-1),
+    "dbrx": lambda l: F.softmax(l[..., [3, 1]], dim=-1),  # softmax, top k, divided by their 1-norm
     "granitemoeshared": lambda l: F.softmax(l[..., [3, 1]], dim=-1),
 }
 
@@ -56,6 +57,10 @@ def _moe_layer(model):
 def _expert(block, j, x, llama4):
     """Expert j on rows x: its own module (4.x), or from the stacked parameters: (E, d, 2m) used as
     x @ W (Llama 4), GraniteMoE's input_linear / output_linear before 5.23, or (E, 2m, d)."""
+    if hasattr(block.experts, "mlp"):  # DBRX: w1, v1, w2 of every expert stacked as (E * m, d)
+        glu, m = block.experts.mlp, block.experts.ffn_hidden_size
+        w1, v1, w2 = (p[j * m : (j + 1) * m] for p in (glu.w1, glu.v1, glu.w2))
+        return (glu.activation_fn(x @ w1.T) * (x @ v1.T)) @ w2
     if hasattr(block, "input_linear"):
         gate, up = F.linear(x, block.input_linear.weight[j]).chunk(2, dim=-1)
         return F.linear(block.activation(gate) * up, block.output_linear.weight[j])
@@ -208,3 +213,33 @@ def test_a_router_with_no_known_routing_serves_the_routing_and_refuses_a_logits_
     assert (moe.router, moe.layout, moe.route, moe.shared, moe.n_experts, moe.top_k) == ("router", "triple", None, "shared_experts", 4, 2)
     with pytest.raises(UnsupportedModelError, match="hook_expert_weights"):
         family_moe.RouterSite(None, "model.layers.1.mlp.router", type("B", (), {"moe": moe})())._route(torch.zeros(1, 4))
+
+
+def test_dbrx_q_k_v_hooks_hold_the_clamped_projection():
+    """DBRX clamps its fused Wqkv output to +-clip_qkv before the heads split: hook_q / k / v hold the
+    clamped values (what attention uses), so z = pattern @ v still holds where the clamp bites."""
+    if "dbrx" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no dbrx")
+    model = build("dbrx")
+    for block in model.transformer.blocks:
+        block.norm_attn_norm.attn.clip_qkv = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tlshim.install(model)
+    ids = tokens()
+    wqkv, seen = model.transformer.blocks[0].norm_attn_norm.attn.Wqkv, {}
+    handle = wqkv.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.0.attn.hook_"), use_cache=False)
+    finally:
+        handle.remove()
+    raw = F.linear(seen["x"], wqkv.weight)  # (the projection's own output, by hand)
+    assert raw.abs().max() > 0.5  # the clamp bites
+    q, k, v = (cache[f"blocks.0.attn.hook_{n}"] for n in "qkv")
+    clamped = raw.clamp(-0.5, 0.5)
+    n_q, n_kv = q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
+    assert torch.equal(q.flatten(2), clamped[..., :n_q])
+    assert torch.equal(v.flatten(2), clamped[..., n_q + n_kv :])
+    assert tlshim.verify(model, ids).ok
+    tlshim.uninstall(model)
