@@ -243,3 +243,31 @@ def test_dbrx_q_k_v_hooks_hold_the_clamped_projection():
     assert torch.equal(v.flatten(2), clamped[..., n_q + n_kv :])
     assert tlshim.verify(model, ids).ok
     tlshim.uninstall(model)
+
+
+def test_logits_routed_inside_the_experts_module_are_edited_exactly():
+    """Aria before 5.23 hands its experts module the router logits and routes them there: only
+    hook_router_logits is served, and an edit of it is what the experts route (a hand-made call)."""
+    if "aria_text" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no aria_text")
+    model = build("aria_text")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tlshim.install(model)
+    i, block, moe = 0, model.model.layers[0].mlp, model._tlshim.spec.moe
+    if moe.layout != "internal":
+        tlshim.uninstall(model)
+        pytest.skip(f"aria_text's router on transformers {tlshim.registry.transformers_version()} returns its routing")
+    assert "blocks.0.mlp.hook_router_logits" in model.hook_dict and "blocks.0.mlp.hook_expert_weights" not in model.hook_dict
+    ids, known = tokens(), torch.tensor([0.0, 1.0, -1.0, 2.0])
+    with torch.no_grad():
+        x = _block_input(model, block, ids)
+        hooks = [(f"blocks.{i}.mlp.hook_router_logits", lambda l, hook: known.expand_as(l).clone())]
+        with model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(ids, names_filter=lambda n: n == "blocks.0.hook_mlp_out", use_cache=False)
+        flat = x.reshape(-1, x.shape[-1])
+        want = block.experts(flat, known.expand(flat.shape[0], 4).clone()).view(x.shape) + block.shared_experts(x)
+        plain = model.run_with_cache(ids, names_filter=lambda n: n == "blocks.0.hook_mlp_out", use_cache=False)[1]
+    assert torch.equal(cache["blocks.0.hook_mlp_out"], want)
+    assert not torch.allclose(plain["blocks.0.hook_mlp_out"], want, atol=1e-3)
+    tlshim.uninstall(model)

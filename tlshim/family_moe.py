@@ -12,6 +12,8 @@ Layouts, told apart on a probe of one MoE block (``detect``), never by version n
 - "logits": the logits alone, the block routing them itself and feeding its experts module (hidden,
   indices, weights) (GLM-4-MoE on 5.0-5.12, DBRX): the weights and indices hooked on the experts'
   arguments, an edit of the logits routed by the block's own code;
+- "internal": the logits alone, handed to an experts module that routes them itself (Aria before
+  5.23): hook_router_logits only (an edit is routed by the model's own code);
 - "sorted": (slots sorted by expert, their tokens, their gates, tokens per expert, logits) (GraniteMoE
   before 5.23): the weights and indices read back per token, an edit sorted again as the router does;
 - an ``nn.Linear`` gate whose output is the logits, the routing done inline in the block and the
@@ -38,6 +40,8 @@ from .sites import MlpOutSite, Site, first_input
 #: names of the router and experts children of an MoE block, and of its shared expert and that gate
 ROUTERS = ("gate", "router")
 EXPERTS = ("experts", "input_linear")  # input_linear: GraniteMoE's stacked first layer before 5.23
+#: config fields holding the experts per token, where neither the router nor the block has ``top_k``
+TOP_K = ("num_experts_per_tok", "moe_topk")
 SHARED = (("shared_expert", "shared_expert_gate"), ("shared_experts", None), ("shared_mlp", None))
 
 
@@ -71,7 +75,7 @@ class MoeSpec:
 
     router: str
     experts: str
-    layout: str  # "triple", "pair", "scores", "routing", "sorted", "logits" or "inline" (see the module doc)
+    layout: str  # "triple", "pair", "scores", "routing", "sorted", "logits", "internal" or "inline" (see the module doc)
     route: object = None
     renorm: bool = True
     top_k: int = 2
@@ -122,7 +126,7 @@ def _spec(block, config, projections):
     if shared[1] is not None and not _child(block, (shared[1],)):
         shared = (shared[0], None)
     router_module = getattr(block, router)
-    top_k = getattr(router_module, "top_k", None) or getattr(block, "top_k", None) or config.num_experts_per_tok
+    top_k = getattr(router_module, "top_k", None) or getattr(block, "top_k", None) or next(getattr(config, n) for n in TOP_K if hasattr(config, n))
     renorm = getattr(router_module, "norm_topk_prob", getattr(block, "norm_topk_prob", True))
     expert_modules = getattr(block, experts)
     inline = isinstance(expert_modules, nn.ModuleList)
@@ -185,6 +189,8 @@ def _probe(block, spec):
         logits, want = computed, (out[w], out[3 - w])
     elif spec.layout == "inline":
         logits, want = out, None
+    elif isinstance(out, torch.Tensor) and any(arg is out for arg in seen.get("expert_args", ())):
+        return _replace(spec, layout="internal")
     elif _routing_args(seen.get("expert_args", ())):
         positions = _routing_args(seen["expert_args"])
         spec = _replace(spec, layout="logits", expert_args=positions)
@@ -529,8 +535,9 @@ def plan_block(plan, moe, base, block, mlp_path, layer_site):
     mlp = site.module
     router = plan.site(f"{path}.{moe.router}", RouterSite, site)
     site.router_site = router
-    # inline routing that no known function reproduces: the weights and indices are nowhere to be seen
-    served = ("router_logits",) if moe.layout == "inline" and moe.route is None else ("router_logits", "expert_weights", "expert_indices")
+    # inline routing that no known function reproduces, or routing inside the experts module (Aria):
+    # the weights and indices are nowhere to be seen
+    served = ("router_logits",) if moe.layout in ("inline", "internal") and moe.route is None else ("router_logits", "expert_weights", "expert_indices")
     routing = plan.site(f"{path}.{moe.experts}", ExpertsSite, site) if moe.layout == "logits" else router
     for attr in served:
         owner = router if attr == "router_logits" else routing
