@@ -8,12 +8,14 @@ Layouts, told apart on a probe of one MoE block (``detect``), never by version n
   weights gathered out of (and an edit scattered back into) the dense scores, the logits computed
   from the router's own weight while hooked;
 - "scores": (dense scores, logits) (Llama 4): the weights gathered at the top k of the logits;
-- "routing": (indices, weights) (DeepSeek-V3-like blocks on 4.x: dots1, GLM-4-MoE): hooked as they are;
+- "routing": (indices, weights) (DeepSeek-V3-like blocks on 4.x: dots1, GLM-4-MoE), or (weights,
+  indices) (AFMoE on 5.0): hooked as they are;
 - "logits": the logits alone, the block routing them itself and feeding its experts module (hidden,
   indices, weights) (GLM-4-MoE on 5.0-5.12, DBRX): the weights and indices hooked on the experts'
   arguments, an edit of the logits routed by the block's own code;
-- "internal": the logits alone, handed to an experts module that routes them itself (Aria before
-  5.23): hook_router_logits only (an edit is routed by the model's own code);
+- "internal": the logits alone, routed where tlshim cannot see the routing (Aria before 5.23: in
+  its experts module, or in the block around grouped experts): hook_router_logits only (an edit is
+  routed by the model's own code);
 - "sorted": (slots sorted by expert, their tokens, their gates, tokens per expert, logits) (GraniteMoE
   before 5.23): the weights and indices read back per token, an edit sorted again as the router does;
 - an ``nn.Linear`` gate whose output is the logits, the routing done inline in the block and the
@@ -40,8 +42,8 @@ from .sites import MlpOutSite, Site, first_input
 #: names of the router and experts children of an MoE block, and of its shared expert and that gate
 ROUTERS = ("gate", "router")
 EXPERTS = ("experts", "input_linear")  # input_linear: GraniteMoE's stacked first layer before 5.23
-#: config fields holding the experts per token, where neither the router nor the block has ``top_k``
-TOP_K = ("num_experts_per_tok", "moe_topk")
+#: fields holding the experts per token, looked up on the router, the block, then the config
+TOP_K = ("top_k", "moe_top_k", "num_experts_per_tok", "moe_topk")
 SHARED = (("shared_expert", "shared_expert_gate"), ("shared_experts", None), ("shared_mlp", None))
 
 
@@ -92,7 +94,8 @@ class MoeSpec:
     router_rows: bool = True
     #: positions of (indices, weights) among the experts module's arguments ("logits" layout)
     expert_args: tuple = ()
-    #: where the weights sit in a (logits, weights, indices) router output (2: ERNIE-4.5's (logits, indices, weights))
+    #: where the weights sit in a (logits, weights, indices) router output (2: ERNIE-4.5's (logits, indices,
+    #: weights)), or in an (indices, weights) one (0: AFMoE's (weights, indices) on 5.0)
     weights_at: int = 1
 
     def is_moe(self, mlp) -> bool:
@@ -126,7 +129,7 @@ def _spec(block, config, projections):
     if shared[1] is not None and not _child(block, (shared[1],)):
         shared = (shared[0], None)
     router_module = getattr(block, router)
-    top_k = getattr(router_module, "top_k", None) or getattr(block, "top_k", None) or next(getattr(config, n) for n in TOP_K if hasattr(config, n))
+    top_k = next(getattr(owner, n) for owner in (router_module, block, config) for n in TOP_K if isinstance(getattr(owner, n, None), int))
     renorm = getattr(router_module, "norm_topk_prob", getattr(block, "norm_topk_prob", True))
     expert_modules = getattr(block, experts)
     inline = isinstance(expert_modules, nn.ModuleList)
@@ -175,9 +178,10 @@ def _probe(block, spec):
     elif isinstance(out, tuple) and len(out) == 5 and _same(out[4], computed):  # GraniteMoE's sorted slots
         spec = _replace(spec, layout="sorted")
         logits, want = computed, _unsort(out, spec.top_k)
-    elif isinstance(out, tuple) and len(out) == 2 and not out[0].is_floating_point():  # (indices, weights)
-        spec = _replace(spec, layout="routing", logits_out=False)
-        logits, want = computed, (out[1], out[0])
+    elif isinstance(out, tuple) and len(out) == 2 and out[0].shape == out[1].shape and _is_index(out[0]) != _is_index(out[1]):
+        w = 1 if _is_index(out[0]) else 0  # (indices, weights) or (weights, indices)
+        spec = _replace(spec, layout="routing", logits_out=False, weights_at=w)
+        logits, want = computed, (out[w], out[1 - w])
     elif _indices(out) is None:
         raise UnsupportedModelError(f"the router of {type(block).__name__} returns no expert indices where tlshim looks for them")
     elif isinstance(out, tuple) and len(out) == 2:
@@ -189,12 +193,12 @@ def _probe(block, spec):
         logits, want = computed, (out[w], out[3 - w])
     elif spec.layout == "inline":
         logits, want = out, None
-    elif isinstance(out, torch.Tensor) and any(arg is out for arg in seen.get("expert_args", ())):
-        return _replace(spec, layout="internal")
     elif _routing_args(seen.get("expert_args", ())):
         positions = _routing_args(seen["expert_args"])
         spec = _replace(spec, layout="logits", expert_args=positions)
         logits, want = computed, (seen["expert_args"][positions[1]], seen["expert_args"][positions[0]])
+    elif isinstance(out, torch.Tensor) and _same(out, computed):
+        return _replace(spec, layout="internal")
     else:
         raise UnsupportedModelError(f"the router of {type(block).__name__} returns {type(out).__name__}, not (logits, weights, indices)")
     spec = _replace(spec, returns_logits=isinstance(native, tuple))
@@ -225,6 +229,11 @@ def _indices(out):
 
 def _is_index(value) -> bool:
     return isinstance(value, torch.Tensor) and not value.is_floating_point()
+
+
+def _pair(weights, indices, weights_at):
+    """A router's (indices, weights) output, the weights at ``weights_at`` (0 or 1)."""
+    return (weights, indices) if weights_at == 0 else (indices, weights)
 
 
 def _triple(logits, weights, indices, weights_at):
@@ -415,8 +424,9 @@ class RouterSite(Site):
         if moe.layout == "sorted":
             return self._rebuilt(out, out[4], lambda: _unsort(out, moe.top_k), lambda w, i, l: _sort(w, i, moe.n_experts, l), lead)
         if moe.layout == "routing":
-            new = (_fire(self.indices, out[0], lead)[0], _fire(self.weights, out[1], lead)[0])
-            return out if new[0] is out[0] and new[1] is out[1] else new
+            w = moe.weights_at
+            new = (_fire(self.weights, out[w], lead)[0], _fire(self.indices, out[1 - w], lead)[0])
+            return out if new[0] is out[w] and new[1] is out[1 - w] else _pair(*new, w)
         if moe.layout == "pair":
             weights, indices = out[0].gather(-1, out[1]), out[1]
             new = (_fire(self.weights, weights, lead)[0], _fire(self.indices, indices, lead)[0])
@@ -434,7 +444,7 @@ class RouterSite(Site):
         weights, indices = self._route(logits)
         layout = self.block.moe.layout
         if layout in ("pair", "routing"):
-            return self._dense((weights, indices)) if layout == "pair" else (indices, weights)
+            return self._dense((weights, indices)) if layout == "pair" else _pair(weights, indices, self.block.moe.weights_at)
         return _triple(logits, weights, indices, self.block.moe.weights_at)
 
     def _rebuilt(self, out, logits, read, build, lead):
