@@ -111,7 +111,11 @@ def test_expert_weights_edit_is_the_hand_built_mixture(moe_model):
 
 def _mlp_input(model, ids):
     """The MoE block's input on an unhooked forward (the edit comes after it)."""
-    block, _ = _block(model)
+    return block_input(model, _block(model)[0], ids)
+
+
+def block_input(model, block, ids):
+    """``block``'s input on an unhooked forward of ``model``."""
     got = {}
     handle = block.register_forward_pre_hook(lambda m, args: got.setdefault("x", args[0]))
     try:

@@ -17,6 +17,7 @@ import tlshim
 from tlshim.errors import UnsupportedModelError
 from tlshim.spec import get_path
 
+from test_family_moe import block_input
 from tiny import build, tokens
 
 TYPES = (
@@ -119,23 +120,13 @@ def _by_hand(model, i, block, x, weights, indices):
     return get_path(model, f"{spec.layers}.{i}.{spec.ln2_post}")(out) if spec.ln2_post else out
 
 
-def _block_input(model, block, ids):
-    got = {}
-    handle = block.register_forward_pre_hook(lambda m, args: got.setdefault("x", args[0]))
-    try:
-        model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    return got["x"]
-
-
 def test_router_hooks_hold_the_routing_the_model_applies(moe_model):
     """Shapes, the logits = the router's weight applied by hand, and the cached routing rebuilds the block's output."""
     ids = tokens()
     i, block, moe = _moe_layer(moe_model)
     names = [f"blocks.{i}.mlp.hook_{n}" for n in ("router_logits", "expert_weights", "expert_indices")] + [f"blocks.{i}.hook_mlp_out"]
     with torch.no_grad():
-        x = _block_input(moe_model, block, ids)
+        x = block_input(moe_model, block, ids)
         _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
         logits, weights, indices, mlp_out = (cache[n] for n in names)
         assert (logits.shape, weights.shape, indices.shape) == ((2, 12, 4), (2, 12, 2), (2, 12, 2))
@@ -157,7 +148,7 @@ def test_expert_weights_edit_is_the_hand_built_mixture(moe_model):
 
     names = (f"blocks.{i}.mlp.hook_expert_indices", f"blocks.{i}.hook_mlp_out")
     with torch.no_grad():
-        x = _block_input(moe_model, block, ids)
+        x = block_input(moe_model, block, ids)
         plain = moe_model.run_with_cache(ids, names_filter=lambda n: n == names[1], use_cache=False)[1][names[1]]
         with moe_model.hooks(fwd_hooks=[(f"blocks.{i}.mlp.hook_expert_weights", edit)]):
             _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
@@ -180,7 +171,7 @@ def test_router_logits_edit_is_routed_by_the_models_own_function(moe_model):
             moe_model.run_with_hooks(ids, fwd_hooks=hooks, use_cache=False)
         return
     with torch.no_grad():
-        x = _block_input(moe_model, block, ids)
+        x = block_input(moe_model, block, ids)
         with moe_model.hooks(fwd_hooks=hooks):
             _, cache = moe_model.run_with_cache(ids, names_filter=lambda n: n in names, use_cache=False)
     weights, indices, mlp_out = (cache[n] for n in names)
