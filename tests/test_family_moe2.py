@@ -38,8 +38,9 @@ KNOWN_WEIGHTS = {
 
 
 #: (type, transformers major.minor) that route out of tlshim's sight (test_logits_routed_out_of_sight...):
-#: Hunyuan on 5.0 hands its experts dense (tokens, E) weights, which they index by slot
-OUT_OF_SIGHT = {("hunyuan_v1_moe", "5.0")}
+#: Hunyuan on 5.0 hands its experts dense (tokens, E) weights, which they index by slot; Llama 4 on
+#: 4.53 routes inline around stacked experts
+OUT_OF_SIGHT = {("hunyuan_v1_moe", "5.0"), ("llama4_text", "4.53")}
 VERSION = ".".join(transformers.__version__.split(".")[:2])
 
 
