@@ -1,7 +1,9 @@
 """Mixture-of-experts layouts beyond Mixtral's (HOOKS.md "Families"): Llama 4's router returning
 (dense scores, logits) with the scores scaling each expert's input, a router whose weight sits in a
-linear child (Hunyuan), MoE blocks in post-norm-only (FlexOlmo) and parallel (Cohere2-MoE) blocks.
-Edits of the routing against mixtures built by hand from the experts' parameters."""
+linear child (Hunyuan), MoE blocks in post-norm-only (FlexOlmo) and parallel (Cohere2-MoE) blocks,
+and the router outputs of older transformers ((indices, weights), GraniteMoE's expert-sorted slots,
+logits the block routes itself, routing out of sight). Edits of the routing against mixtures built
+by hand from the experts' parameters, on every matrix version that has the type."""
 
 from __future__ import annotations
 
