@@ -111,7 +111,11 @@ def test_expert_weights_edit_is_the_hand_built_mixture(moe_model):
 
 def _mlp_input(model, ids):
     """The MoE block's input on an unhooked forward (the edit comes after it)."""
-    block, _ = _block(model)
+    return block_input(model, _block(model)[0], ids)
+
+
+def block_input(model, block, ids):
+    """``block``'s input on an unhooked forward of ``model``."""
     got = {}
     handle = block.register_forward_pre_hook(lambda m, args: got.setdefault("x", args[0]))
     try:
@@ -244,10 +248,14 @@ def test_routing_no_known_function_reproduces_serves_what_it_can():
 
 
 def test_a_moe_block_of_another_shape_is_refused_naming_it():
-    """Llama 4's router returns (scores, logits), no expert indices: install refuses, naming the block."""
+    """A router returning its dense scores alone (no logits, no expert indices): install refuses, naming the block."""
     if "llama4_text" not in CONFIG_MAPPING:
         pytest.skip(f"transformers {tlshim.registry.transformers_version()} has no llama4_text")
     model = build("llama4_text")
+    for layer in model.model.layers:
+        router = getattr(layer.feed_forward, "router", None)
+        if router is not None:  # (an MoE block's)
+            router.forward = lambda h, router=router: (torch.sigmoid(F.linear(h, router.weight)),)
     with pytest.raises(UnsupportedModelError, match="Llama4TextMoe"):
         tlshim.install(model)
     assert not tlshim.is_installed(model)

@@ -22,7 +22,7 @@ SIZES = {
     **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "decoder_ffn_dim", "d_ff"), 128),
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"), 32),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "top_k", "moe_topk", "num_selected_experts"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "top_k", "moe_topk", "num_selected_experts", "moe_top_k"), 2),
     **dict.fromkeys(("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "attention_head_size"), 16),
     **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 32),
     **dict.fromkeys(("global_head_dim",), 16),
@@ -32,7 +32,7 @@ SIZES = {
     **dict.fromkeys(("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length"), 128),
 }
 #: size fields a config may hold as None where its model needs a number
-FILL_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok")
+FILL_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts")
 #: config fields a type needs to run as a causal LM at all
 FIELDS = {
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},
@@ -45,6 +45,7 @@ FIELDS = {
     "jamba": {"use_mamba_kernels": False},  # transformers 4.x refuses to run without the CUDA kernels otherwise
     "zamba2": {"layers_block_type": ["linear_attention", "linear_attention"]},
     "zamba": {"layers_block_type": ["linear_attention", "linear_attention"], "attention_hidden_size": 128, "mamba_dt_rank": 4},
+    "dots1": {"n_shared_experts": 1},
 }
 #: multimodal types whose text config is that of a text type, built tiny as that type
 TEXT_CONFIG = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
@@ -62,6 +63,8 @@ SUB_CONFIGS = {
         "audio_config": {**_SUB, "num_blocks": 1, "ext_pw_out_channel": D_MODEL, "depthwise_separable_out_channel": D_MODEL, "nemo_conv_channels": D_MODEL},
     },
 }
+#: fields of a sub-config a type reads without its config defining them (DBRX: rope_theta, clip_qkv)
+SUB_FIELDS = {"dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}}  # (5.x clamps even with no clip)
 #: the types that cannot run a forward on input_ids alone (TESTING.md), with the reason
 NOT_RUNNABLE = {
     "musicgen": "codebook-shaped input ids",
@@ -88,6 +91,9 @@ def tiny_config(model_type: str):
         _shrink(sub)
     for name, value in FIELDS.get(model_type, {}).items():  # over what _shrink set
         setattr(config, name, value)
+    for sub, fields in SUB_FIELDS.get(model_type, {}).items():
+        for name, value in fields.items():
+            setattr(getattr(config, sub), name, value)
     if _field(config, "pad_token_id", missing=False) is False:  # 5.0.0's configs built with sizes lack it
         config.pad_token_id = None
     return config

@@ -286,6 +286,7 @@ def _plan_projections(plan, points, base, block, owner, prefix):
             parallel.plan_grouped_qkv(plan, path, entries, block, owner, entries[0][1], entries[1][1])
             continue
         site = plan.site(path, SplitSite)
+        site.clip = getattr(owner, "clip_qkv", None) if prefix == "attn" else None
         width, units = out_width(plan.module(path)), sum(n or 1 for _, n in entries)
         for attr, n_heads in entries:
             point = plan.point(f"{block}.{prefix}.{attr}", owner, attr, site)

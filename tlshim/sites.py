@@ -169,6 +169,9 @@ class SplitSite(Site):
     """A fused projection (OpenELM's qkv_proj and proj_1): each out point fires on its slice of the
     output's last axis, and the slices are put back together for what runs downstream."""
 
+    #: the attention's clip_qkv (DBRX, MPT): the points see the output clamped, as the model uses it
+    clip = None
+
     def __init__(self, module, path):
         super().__init__(module, path)
         self.widths: list = []
@@ -178,6 +181,8 @@ class SplitSite(Site):
         self.widths.append(width)
 
     def on_output(self, y):
+        if self.clip is not None:
+            y = y.clamp(min=-self.clip, max=self.clip)
         parts = list(y.split(self.widths, dim=-1))
         for i, entry in enumerate(self.out_points):
             parts[i] = fire_points([entry], parts[i])

@@ -34,6 +34,8 @@ from .spec import ArchSpec, fused_gate_up_params, fused_qkv_params, get_path, is
 #: child names, tried in order (attention and MLP modules of one decoder layer)
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 MLP = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+#: config fields holding an expert's width, in order (DBRX keeps it in its ffn_config)
+EXPERT_WIDTHS = ("moe_intermediate_size", "intermediate_size", "ffn_config.ffn_hidden_size")
 #: (q, k, v, o) projection names inside the attention module
 PROJECTIONS = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -109,19 +111,16 @@ def derive_spec(model) -> ArchSpec:
     if between:
         where = f"{layers_path}.0.{attn_name}"
         attn_site = _between_kernel_and_o_proj(between, attn_site, flow, layer, (attn_name, mlp_name, first_norm, q, qk_norm[0]), where, model.config)
-    if moe is not None and (roles.get("parallel") or not roles["ln1"]):
-        kind = "parallel" if roles.get("parallel") else "post-norm-only"
-        raise UnsupportedModelError(f"{type(layer).__name__} at {layers_path}.0: a mixture of experts in a {kind} block is not served yet")
-    norm_kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
+    norm_kind = _norm_kind(get_path(layer, first_norm), flow, first_norm)
     for role in ("ln2", "ln1_post", "ln2_post"):
-        if roles.get(role) and _norm_kind(getattr(layer, roles[role]), flow, roles[role]) is not norm_kind:
+        if roles.get(role) and _norm_kind(get_path(layer, roles[role]), flow, roles[role]) is not norm_kind:
             raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
     embed_path = _path_of(model, model.get_input_embeddings(), "input embedding")
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
     final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"), flow)
-    sizes = _sizes(model, len(layers), attn, d_mlp, getattr(layer, first_norm), norm_kind)
+    sizes = _sizes(model, len(layers), attn, d_mlp, get_path(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
     if moe is not None:
@@ -297,6 +296,10 @@ def _child(layer, candidates, what, layers_path):
     for name in candidates:
         if isinstance(getattr(layer, name, None), nn.Module):
             return name
+    for outer, child in layer.named_children():  # one level down (DBRX's norm_attn_norm.attn)
+        for name in candidates:
+            if isinstance(getattr(child, name, None), nn.Module):
+                return f"{outer}.{name}"
     children = ", ".join(layer._modules)
     raise UnsupportedModelError(
         f"no {what} found in {type(layer).__name__} at {layers_path}.0 (looked for {', '.join(candidates)}; it has {children})"
@@ -370,7 +373,7 @@ def _dense_mlp(layers, mlp_name, moe, layers_path, config):
         if moe is None or not moe.is_moe(mlp):
             gate, up, down = _mlp_projections(mlp, f"{layers_path}.{i}.{mlp_name}")
             return gate, up, down, out_width(getattr(mlp, up)) // (2 if gate == up else 1)
-    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    width = next(_get(config, name) for name in EXPERT_WIDTHS if _get(config, name))
     return (*(moe.expert_projections or ("gate_proj", "up_proj", "down_proj")), width)
 
 
@@ -432,7 +435,7 @@ def _between_kernel_and_o_proj(between, attn_site, flow, layer, names, where, co
         queries = out.view(*out.shape[:-1], n_heads, 2, -1)[..., 0, :]
         if not q_norm or not _same(flow.inputs.get(f"{attn_name}.{q_norm}"), queries):
             raise UnsupportedModelError(f"{where}: {q} gives twice the heads o_proj reads, but not each head's query, then its gate")
-    kind = _norm_kind(getattr(layer, first_norm), flow, first_norm)
+    kind = _norm_kind(get_path(layer, first_norm), flow, first_norm)
     for owner, name in ((attn_name, between.sub_norm), (mlp_name, between.mlp_sub_norm)):
         path = f"{owner}.{name}" if owner else name
         if name and _norm_kind(get_path(layer, path), flow, path) is not kind:
@@ -573,8 +576,16 @@ def _adds_up(total, a, b) -> bool:
     return isinstance(b, torch.Tensor) and _same(total, a + b)
 
 
+def _block_norms(layer, flow, attn_name):
+    """The norms among the block's children, and among the attention's siblings where it is nested (DBRX)."""
+    outer = attn_name.rpartition(".")[0]
+    owners = [("", layer)] + ([(outer + ".", get_path(layer, outer))] if outer else [])
+    found = [prefix + name for prefix, owner in owners for name, child in owner.named_children() if _looks_like_norm(child)]
+    return [name for name in found if name in flow.inputs]
+
+
 def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
-    norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
+    norms_seen = _block_norms(layer, flow, attn_name)
     x = flow.inputs[""]
     where = f"{type(layer).__name__} at {layers_path}.0"
 
@@ -655,7 +666,7 @@ def _post_norm_roles(layer, flow, attn_name, mlp_name):
     x = flow.inputs[""]
     if not _same(flow.inputs[attn_name], x):
         return None
-    norms_seen = [name for name, child in layer.named_children() if _looks_like_norm(child) and name in flow.inputs]
+    norms_seen = _block_norms(layer, flow, attn_name)
     ln1_post = next((n for n in norms_seen if _same(flow.inputs[n], flow.outputs[attn_name])), None)
     ln2_post = next((n for n in norms_seen if _same(flow.inputs[n], flow.outputs[mlp_name])), None)
     mid = flow.inputs[mlp_name]
