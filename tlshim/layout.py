@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 
-from . import family_moe
+import torch
+
+from . import family_moe, family_postln
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -95,26 +97,29 @@ def plan_install(model, spec) -> Plan:
     (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
     if spec.pos_embed:
         pos_site = plan.site(spec.pos_embed, PosEmbedSite)
-        batch_site = plan.site(spec.layers.rpartition(".")[0], BatchSite)
+        batch_site = plan.site(family_postln.common_parent(spec.layers, spec.pos_embed), BatchSite)
         pos_site.out_points.append((plan.point("hook_pos_embed", model, "hook_pos_embed", pos_site, batch_site), None))
+
+    if spec.postln:
+        family_postln.plan_embeddings(plan, _plan_norm)
 
     for i in range(len(layers)):
         _plan_layer(plan, i)
 
-    final = plan.site(spec.final_norm, NormSite, spec.norm, None)
-    final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", final)
-    final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", final), None))
+    # no norm after the blocks (post-LN BART, OpenAI GPT): no ln_final hooks, model.ln_final the identity
+    final_module = _plan_norm(plan, spec.final_norm, "ln_final").module if spec.final_norm else torch.nn.Identity()
 
     plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")
     plan.alias(model, "unembed", unembed_alias(model, plan.module(spec.unembed)), "model")
-    plan.alias(model, "ln_final", final.module, "model")
+    plan.alias(model, "ln_final", final_module, "model")
     if spec.unembed == spec.embed:
         plan.swap(plan.module(spec.embed), TiedEmbedWeights, "embed")
     else:
         plan.swap(plan.module(spec.embed), EmbedWeights, "embed")
         plan.swap(plan.module(spec.unembed), UnembedWeights, "unembed")
-    plan.swap(final.module, NormWeights, "ln_final")
+    if spec.final_norm:
+        plan.swap(final_module, NormWeights, "ln_final")
     return plan
 
 
@@ -146,7 +151,7 @@ def _plan_layer(plan: Plan, i: int):
             # a per-head norm already sees the heads axis; a whole-vector one (OLMo2) is split here
             site.out_points.append((point, (n_heads if role == "q" else n_kv) if spec.qk_norm_whole else None))
 
-    attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
+    attn_site = plan.site(rel(_join(spec.attn, spec.postln and spec.postln.kernel)), spec.attn_site, spec.cache_kwargs)
     attn_site.head_counts = (n_heads, n_kv)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
     for name in ("rot_q", "rot_k") if spec.rotary_hooks else ():
@@ -169,6 +174,8 @@ def _plan_layer(plan: Plan, i: int):
     if spec.parallel:
         shared = spec.ln2 == spec.ln1
         aliases["ln2"] = (parallel.share_norm(plan, ln1, block) if shared else _plan_norm(plan, rel(spec.ln2), f"{block}.ln2")).module
+    elif spec.postln:
+        aliases["ln2"] = family_postln.plan_block(plan, block, layer, layer_site, ln1, rel, _plan_norm).module
     else:
         # resid_mid fires at the pre-MLP norm's input, or at the MLP's own in a post-norm-only block
         if spec.ln2:
@@ -188,7 +195,8 @@ def _plan_layer(plan: Plan, i: int):
         down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
-    layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
+    if not spec.postln:  # post-LN: resid_post is ln2's input (planned above)
+        layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
     for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input
         plan.hook_dict[f"{block}.{name}"]._sites += (layer_site,)

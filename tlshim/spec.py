@@ -114,7 +114,8 @@ class ArchSpec:
     rotary_hooks: bool = True
     #: whether the layer runs its MLP on (batch * pos, d) rows (OPT)
     mlp_rows: bool = False
-    final_norm: str = "model.norm"
+    #: None where the head reads the last block's output directly (post-LN BART, OpenAI GPT)
+    final_norm: str | None = "model.norm"
     unembed: str = "lm_head"
     attn: str = "self_attn"
     mlp: str = "mlp"
@@ -160,6 +161,8 @@ class ArchSpec:
     tl_config: object = llama_family_cfg
     #: the mixture-of-experts layout of the blocks that have one (family_moe.MoeSpec), else None
     moe: object = None
+    #: post-LN blocks (family_postln.PostLn: the attention kernel's module, token types, embedding norm), else None
+    postln: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
 

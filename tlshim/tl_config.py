@@ -50,6 +50,8 @@ class TLConfig(TLConfigFields):
     default_padding_side: str = "right"
     attn_only: bool = False
     parallel_attn_mlp: bool = False
+    #: post-LN blocks (BERT, BART): each norm follows its sub-layer's residual add (family_postln)
+    post_ln: bool = False
     use_attn_scale: bool = True
     _model_ref: Any = field(default=None, repr=False, compare=False)
 
