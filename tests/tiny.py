@@ -38,6 +38,9 @@ FIELDS = {
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},
     "mamba2": {"num_heads": 8},  # expand * hidden_size = heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # block-sparse attention falls back to (and rebuilds itself as) full attention at tiny lengths
+    "big_bird": {"attention_type": "original_full"},
+    "bigbird_pegasus": {"attention_type": "original_full"},
 }
 #: the types that cannot run a forward on input_ids alone (TESTING.md), with the reason
 NOT_RUNNABLE = {

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .sites import Site, first_output
 from .spec import ArchSpec, fused_qkv_params, get_path, linear_params, out_width
 
 #: names of the embedding added as token types (data; position embeddings are the other added one)
@@ -52,7 +53,7 @@ def derive(model):
         if not name.startswith(layers_path + ".") and (isinstance(m, nn.Embedding) or s._looks_like_norm(m))
     }
     flow = s._probe(model, layer, get_path(model, layers_path.rpartition(".")[0]), outside)
-    x, out = flow.inputs[""], flow.outputs[""]
+    x, out = flow.inputs[""], first_output(flow.outputs[""])
     norms = [n for n, m in layer.named_modules() if n and s._looks_like_norm(m) and n in flow.inputs]
     ln2 = next((n for n in norms if s._same(flow.outputs[n], out)), None)
     if ln2 is None:
@@ -188,8 +189,6 @@ def _embedding_entry(model, flow, outside, x):
 def plan_embeddings(plan, norm_points):
     """hook_token_type_embed and the embedding norm's embed.ln.hook_scale / hook_normalized;
     ``norm_points(plan, path, name)`` is layout's planner of one norm's points."""
-    from .sites import Site
-
     post = plan.spec.postln
     if post.token_type:
         site = plan.site(post.token_type, Site)
