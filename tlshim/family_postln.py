@@ -32,9 +32,11 @@ TOKEN_TYPE = ("token_type_embeddings",)
 
 @dataclass(frozen=True)
 class PostLn:
-    """What a post-LN spec adds: the attention module's child that runs the attention kernel (BERT's
-    ``self``; "" for the module itself), the token-type embedding and the embedding norm (model paths)."""
+    """What a spec of this family adds: whether the blocks are post-LN (else pre-LN in BERT's layout:
+    Megatron-BERT), the attention module's child that runs the attention kernel (BERT's ``self``; ""
+    for the module itself), the token-type embedding and the embedding norm (model paths)."""
 
+    post: bool = True
     kernel: str = ""
     token_type: str | None = None
     embed_norm: str | None = None
@@ -50,45 +52,35 @@ def derive(model):
     outside = {
         f"/{name}": m
         for name, m in model.named_modules()
-        if not name.startswith(layers_path + ".") and (isinstance(m, nn.Embedding) or s._looks_like_norm(m))
+        if not name.startswith(layers_path + ".") and (isinstance(m, nn.Embedding) or _is_norm(m, s))
     }
     flow = s._probe(model, layer, get_path(model, layers_path.rpartition(".")[0]), outside)
-    x, out = flow.inputs[""], first_output(flow.outputs[""])
-    norms = [n for n, m in layer.named_modules() if n and s._looks_like_norm(m) and n in flow.inputs]
-    ln2 = next((n for n in norms if s._same(flow.outputs[n], out)), None)
-    if ln2 is None:
+    x = flow.inputs[""]
+    roles = _post_ln_roles(layer, flow, where, s) or _pre_ln_roles(layer, flow, s)
+    if roles is None:
         return None
-    width = x.shape[-1]
-    linears = [n for n, m in layer.named_modules() if s._is_projection(m) and n in flow.outputs and flow.outputs[n].shape[-1] == width]
-    readers = [n for n, m in layer.named_modules() if s._is_projection(m) and n in flow.inputs]
-    found = [(n, p) for n in norms if n != ln2 for p in linears if s._adds_up(flow.inputs[n], x, flow.outputs[p])]
-    if not found:
-        raise UnsupportedModelError(f"{where}: the block ends in a norm (post-LN), but no norm reads block input + an output projection")
-    ln1, o_path = found[0]
-    y1 = flow.outputs[ln1]
-    down = next((p for p in linears if s._adds_up(flow.inputs[ln2], y1, flow.outputs[p])), None)
-    up = next((p for p in readers if s._same(flow.inputs[p], y1)), None)
-    if down is None or up is None:
-        raise UnsupportedModelError(f"{where}: post-LN, but ln2's input is not ln1's output + an MLP projection read from it")
+    ln1, ln2, o_path, up, down, post = roles
     attn_name, (q, k, v, o) = _attention(layer, o_path, model.config, f"{layers_path}.0", s)
     mlp_name = common_parent(up, down)
     attn = get_path(layer, attn_name)
     kernel = q.rpartition(".")[0]
+    if not post and not kernel:  # a pre-LN block of another layout: the pre-norm path's refusal stands
+        return None
+    s._refuse_unserved(attn, s.UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     s._same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, _rel(mlp_name, up), _rel(mlp_name, down)))
     entry = _embedding_entry(model, flow, outside, x)
     norm_kind = s._norm_kind(get_path(layer, ln1), flow, ln1)
     if s._norm_kind(get_path(layer, ln2), flow, ln2) is not norm_kind:
         raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
-    final = [n for n, m in model.named_modules() if s._looks_like_norm(m) and f"/{n}" not in flow.inputs and not n.startswith(layers_path + ".")]
-    if len(final) > 1:
-        raise UnsupportedModelError(f"more than one norm after the blocks of {type(model).__name__}: {final}")
+    # the norm the head reads last: BERT's LM-head LayerNorm, also after a pre-LN encoder's final norm
+    final = [n for n, m in model.named_modules() if _is_norm(m, s) and f"/{n}" not in flow.inputs and not n.startswith(layers_path + ".")]
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
     own_scores = bool(entry["pos_embed"])
     attn_site = s._attention_site(model, layer, get_path(attn, kernel), f"{layers_path}.0.{attn_name}", (q, k, v, o), own_scores)
     sizes = s._sizes(model, len(layers), attn, out_width(get_path(layer, up)), get_path(layer, ln1), norm_kind)
-    sizes.update(gated_mlp=False, parallel_attn_mlp=False, post_ln=True, post_embedding_ln=bool(entry["embed_norm"]))
+    sizes.update(gated_mlp=False, parallel_attn_mlp=False, post_ln=post, post_embedding_ln=bool(entry["embed_norm"]))
     fused = q == k
     spec = ArchSpec(
         versions="",
@@ -96,7 +88,7 @@ def derive(model):
         embed=s._path_of(model, model.get_input_embeddings(), "input embedding"),
         pos_embed=entry["pos_embed"],
         rotary_hooks=attn_site is not family_abs.SoftmaxAttnSite and not entry["pos_embed"],
-        final_norm=final[0] if final else None,
+        final_norm=final[-1] if final else None,
         unembed=s._path_of(model, unembed, "output embedding"),
         attn=attn_name,
         mlp=mlp_name,
@@ -117,11 +109,61 @@ def derive(model):
         tl_config=functools.partial(s._structural_cfg, sizes),
         attn_site=attn_site,
         cache_kwargs=tuple(name for name in s.CACHE_KWARGS if name in s._parameters(get_path(attn, kernel).forward)),
-        postln=PostLn(kernel, entry["token_type"], entry["embed_norm"]),
+        postln=PostLn(post, kernel, entry["token_type"], entry["embed_norm"]),
     )
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
     sizes["use_attn_scale"] = family_abs.scales_scores(attn)
     return spec
+
+
+def _is_norm(module, s) -> bool:
+    return s._looks_like_norm(module) and not module._modules  # not RobertaPreLayerNormIntermediate
+
+
+def _post_ln_roles(layer, flow, where, s):
+    """(ln1, ln2, o, up, down, True) of a post-LN block: its output is ln2's, ln1 reads x + o's output,
+    up reads ln1's output and ln2 reads that + down's output. None where the output is no norm's."""
+    x, out = flow.inputs[""], first_output(flow.outputs[""])
+    norms, linears, readers = _parts(layer, flow, s)
+    ln2 = next((n for n in norms if s._same(flow.outputs[n], out)), None)
+    if ln2 is None:
+        return None
+    found = [(n, p) for n in norms if n != ln2 for p in linears if s._adds_up(flow.inputs[n], x, flow.outputs[p])]
+    if not found:
+        raise UnsupportedModelError(f"{where}: the block ends in a norm (post-LN), but no norm reads block input + an output projection")
+    ln1, o_path = found[0]
+    y1 = flow.outputs[ln1]
+    down = next((p for p in linears if s._adds_up(flow.inputs[ln2], y1, flow.outputs[p])), None)
+    up = next((p for p in readers if s._same(flow.inputs[p], y1)), None)
+    if down is None or up is None:
+        raise UnsupportedModelError(f"{where}: post-LN, but ln2's input is not ln1's output + an MLP projection read from it")
+    return ln1, ln2, o_path, up, down, True
+
+
+def _pre_ln_roles(layer, flow, s):
+    """(ln1, ln2, o, up, down, False) of a pre-LN block whose residual adds sit in sub-modules
+    (Megatron-BERT, RoBERTa-PreLayerNorm): ln1 reads x, ln2 reads x + o's output (resid_mid), up reads
+    ln2's output and the block gives resid_mid + down's output. None where that does not hold."""
+    x, out = flow.inputs[""], first_output(flow.outputs[""])
+    norms, linears, readers = _parts(layer, flow, s)
+    ln1 = next((n for n in norms if s._same(flow.inputs[n], x)), None)
+    found = [(n, p) for n in norms if n != ln1 for p in linears if s._adds_up(flow.inputs[n], x, flow.outputs[p])]
+    if ln1 is None or not found:
+        return None
+    ln2, o_path = found[0]
+    mid = flow.inputs[ln2]
+    down = next((p for p in linears if s._adds_up(out, mid, flow.outputs[p])), None)
+    up = next((p for p in readers if s._same(flow.inputs[p], flow.outputs[ln2])), None)
+    return None if down is None or up is None else (ln1, ln2, o_path, up, down, False)
+
+
+def _parts(layer, flow, s):
+    """(norms, projections giving d_model, projections) of the block that ran on the probe."""
+    x = flow.inputs[""]
+    norms = [n for n, m in layer.named_modules() if n and _is_norm(m, s) and n in flow.inputs]
+    projections = [n for n, m in layer.named_modules() if s._is_projection(m) and n in flow.inputs]
+    wide = [n for n in projections if flow.outputs[n].shape[-1] == x.shape[-1]]
+    return norms, wide, projections
 
 
 def _attention(layer, o_path, config, where, s):
@@ -184,6 +226,11 @@ def _embedding_entry(model, flow, outside, x):
 
 
 # ------------------------------------------------------------------------------------ install plan
+
+
+def post_ln(spec) -> bool:
+    """Whether the spec's blocks are post-LN (planned and verified by this module)."""
+    return bool(spec.postln and spec.postln.post)
 
 
 def plan_embeddings(plan, norm_points):

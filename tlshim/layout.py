@@ -174,7 +174,7 @@ def _plan_layer(plan: Plan, i: int):
     if spec.parallel:
         shared = spec.ln2 == spec.ln1
         aliases["ln2"] = (parallel.share_norm(plan, ln1, block) if shared else _plan_norm(plan, rel(spec.ln2), f"{block}.ln2")).module
-    elif spec.postln:
+    elif family_postln.post_ln(spec):
         aliases["ln2"] = family_postln.plan_block(plan, block, layer, layer_site, ln1, rel, _plan_norm).module
     else:
         # resid_mid fires at the pre-MLP norm's input, or at the MLP's own in a post-norm-only block
@@ -195,7 +195,7 @@ def _plan_layer(plan: Plan, i: int):
         down.in_points.append((plan.point(f"{block}.mlp.hook_post", mlp, "hook_post", down), None))
 
     mlp_out_site.out_points.append((plan.point(f"{block}.hook_mlp_out", layer, "hook_mlp_out", mlp_out_site), None))
-    if not spec.postln:  # post-LN: resid_post is ln2's input (planned above)
+    if not family_postln.post_ln(spec):  # post-LN: resid_post is ln2's input (planned above)
         layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
     for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input

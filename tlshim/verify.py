@@ -106,7 +106,8 @@ def _verify(model, input_ids):
         want = _shape(cfg, name, batch, pos)
         if want is not None:
             add(Finding(name, "shape", tuple(value.shape) == want, f"{tuple(value.shape)}, expected {want}"))
-    if cfg.post_ln:
+    own = model._tlshim.spec.postln is not None  # family_postln's embeddings and head
+    if own:
         family_postln.check_entry(model, cache, same)
     elif "hook_pos_embed" in cache:  # absolute positions: added to the token embedding
         entered = cache["hook_embed"] + cache["hook_pos_embed"]
@@ -146,7 +147,7 @@ def _verify(model, input_ids):
     _check_moe(model, cache, same, add)
     with torch.no_grad():
         last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
-        final = family_postln.final_input(model, cache, cfg.n_layers) if cfg.post_ln else model.ln_final(cache[last])
+        final = family_postln.final_input(model, cache, cfg.n_layers) if own else model.ln_final(cache[last])
         unembedded = F.linear(final, model.W_U.T, model.b_U)
     cap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
     unembedded = unembedded * cfg.logit_scale if cfg.logit_scale != 1.0 else unembedded
