@@ -53,7 +53,19 @@ def bart_block(layer, x, n_heads, z_edit=lambda z: z, mid_edit=lambda m: m):
     return layer.final_layer_norm(after + layer.fc2(layer.activation_fn(layer.fc1(after))))
 
 
-BLOCKS = {"bert": (bert_block, lambda m: m.bert.encoder.layer), "bart": (bart_block, lambda m: m.model.decoder.layers)}
+def megatron_block(layer, x, n_heads, z_edit=lambda z: z, mid_edit=lambda m: m):
+    """MegatronBertLayer (pre-LN, residual adds inside its sub-modules) by hand."""
+    sa, h = layer.attention.self, layer.attention.ln(x)
+    z = attention_by_hand(h, sa.query, sa.key, sa.value, n_heads, getattr(sa, "is_causal", False), z_edit)
+    mid = mid_edit(x + layer.attention.output.dense(z))
+    return mid + layer.output.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(layer.ln(mid))))
+
+
+BLOCKS = {
+    "bert": (bert_block, lambda m: m.bert.encoder.layer),
+    "bart": (bart_block, lambda m: m.model.decoder.layers),
+    "megatron-bert": (megatron_block, lambda m: m.bert.encoder.layer),
+}
 
 
 def zero_head1(z, hook=None):
@@ -68,11 +80,12 @@ def test_edits_of_resid_mid_and_z_equal_the_block_by_hand(model_type):
     by_hand, layers = BLOCKS[model_type]
     layer, n_heads = layers(model)[0], model.cfg.n_heads
     vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
-    names = lambda name: name in ("blocks.0.hook_resid_pre", "blocks.0.hook_normalized_resid_post")  # noqa: E731
+    out = "blocks.0.hook_normalized_resid_post" if model.cfg.post_ln else "blocks.0.hook_resid_post"
+    names = lambda name: name in ("blocks.0.hook_resid_pre", out)  # noqa: E731
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens(), names_filter=names, use_cache=False)
         x = cache["blocks.0.hook_resid_pre"]
-        assert torch.allclose(cache["blocks.0.hook_normalized_resid_post"], by_hand(layer, x, n_heads), atol=1e-5)
+        assert torch.allclose(cache[out], by_hand(layer, x, n_heads), atol=1e-5)
         for hook, kwargs in (
             ("blocks.0.hook_resid_mid", {"mid_edit": lambda m: m + vector}),
             ("blocks.0.attn.hook_z", {"z_edit": zero_head1}),
@@ -81,11 +94,11 @@ def test_edits_of_resid_mid_and_z_equal_the_block_by_hand(model_type):
             with model.hooks(fwd_hooks=[(hook, fn)]):
                 _, edited = model.run_with_cache(tokens(), names_filter=names, use_cache=False)
             want = by_hand(layer, x, n_heads, **kwargs)
-            assert not torch.allclose(want, cache["blocks.0.hook_normalized_resid_post"], atol=1e-3)  # the edit matters
-            assert torch.allclose(edited["blocks.0.hook_normalized_resid_post"], want, atol=1e-5), hook
+            assert not torch.allclose(want, cache[out], atol=1e-3)  # the edit matters
+            assert torch.allclose(edited[out], want, atol=1e-5), hook
 
 
-@pytest.mark.parametrize("model_type", BLOCKS)
+@pytest.mark.parametrize("model_type", ("bert", "bart"))
 def test_post_ln_names_hold_hookedencoder_values(model_type):
     model = installed(model_type)
     assert model.cfg.post_ln and model.cfg.normalization_type == "LN" and model.cfg.positional_embedding_type == "standard"
@@ -128,6 +141,14 @@ def test_bert_embeddings_and_head():
             assert torch.equal(edited, model(ids, use_cache=False).logits)
         finally:
             emb.token_type_embeddings.weight[0] -= vector
+
+
+def test_pre_ln_bert_layout_is_a_pre_norm_block_with_its_head_norm_as_ln_final():
+    model = installed("megatron-bert")
+    assert not model.cfg.post_ln and model._tlshim.spec.postln.kernel == "self"
+    assert model.blocks[0].ln1 is model.bert.encoder.layer[0].attention.ln and model.ln_final is model.cls.predictions.transform.LayerNorm
+    assert "blocks.0.hook_normalized_resid_post" not in model.hook_dict
+    assert tlshim.verify(model, tokens()).ok
 
 
 def test_bart_has_no_final_norm_hooks():
