@@ -64,11 +64,11 @@ def derive(model):
     mlp_name = common_parent(up, down)
     attn = get_path(layer, attn_name)
     kernel = q.rpartition(".")[0]
-    if not post and not kernel:  # a pre-LN block of another layout: the pre-norm path's refusal stands
-        return None
     s._refuse_unserved(attn, s.UNSERVED_ATTENTION, f"{layers_path}.0.{attn_name}")
     s._same_structure_in_every_layer(layers, layers_path, (attn_name, q, k, v, o), (mlp_name, _rel(mlp_name, up), _rel(mlp_name, down)))
     entry = _embedding_entry(model, flow, outside, x)
+    if not (post or kernel or entry["embed_norm"] or entry["token_type"]):
+        return None  # a pre-LN block with plain embeddings, not in BERT's layout: the pre-norm path's refusal stands
     norm_kind = s._norm_kind(get_path(layer, ln1), flow, ln1)
     if s._norm_kind(get_path(layer, ln2), flow, ln2) is not norm_kind:
         raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
