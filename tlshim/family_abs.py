@@ -154,7 +154,7 @@ def embedding_entry(model, owner_path, flow):
         return {"embed_out": embed_out, "pos_embed": None}
     for name in children:
         added = flow.top_outputs[name]
-        if name not in chain and isinstance(added, torch.Tensor) and added.dim() == 3 and added.shape[1:] == x.shape[1:]:
+        if name not in chain and isinstance(added, torch.Tensor) and added.dim() in (2, 3) and added.shape[-2:] == x.shape[1:]:
             if _same(entered + added, x):
                 return {"embed_out": embed_out, "pos_embed": path(name)}
     return None
