@@ -160,3 +160,12 @@ def test_bart_has_no_final_norm_hooks():
         logits, cache = model.run_with_cache(tokens(), use_cache=False)
         last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_normalized_resid_post"]
         assert torch.equal(model.unembed(last), logits)
+
+
+def test_blenderbot_small_adds_positions_after_its_embedding_norm():
+    model = installed("blenderbot-small")
+    assert model._tlshim.spec.postln.pos_after_norm and model.cfg.post_embedding_ln
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens(), names_filter=lambda name: True, use_cache=False)
+        assert torch.equal(cache["blocks.0.hook_resid_pre"], model.embed.ln(cache["hook_embed"]) + cache["hook_pos_embed"])
+        assert torch.allclose(cache["embed.ln.hook_normalized"], F.layer_norm(cache["hook_embed"], (model.cfg.d_model,)), atol=1e-5)

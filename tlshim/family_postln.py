@@ -40,6 +40,7 @@ class PostLn:
     kernel: str = ""
     token_type: str | None = None
     embed_norm: str | None = None
+    pos_after_norm: bool = False
 
 
 def derive(model):
@@ -109,7 +110,7 @@ def derive(model):
         tl_config=functools.partial(s._structural_cfg, sizes),
         attn_site=attn_site,
         cache_kwargs=tuple(name for name in s.CACHE_KWARGS if name in s._parameters(get_path(attn, kernel).forward)),
-        postln=PostLn(post, kernel, entry["token_type"], entry["embed_norm"]),
+        postln=PostLn(post, kernel, entry["token_type"], entry["embed_norm"], entry["pos_after_norm"]),
     )
     sizes["positional_embedding_type"] = family_abs.positional_embedding_type(model, spec)
     sizes["use_attn_scale"] = family_abs.scales_scores(attn)
@@ -196,8 +197,9 @@ def _rel(parent, path):
 
 
 def _embedding_entry(model, flow, outside, x):
-    """{"pos_embed", "token_type", "embed_norm"}: model paths of the modules whose outputs are added to
-    the token embedding, and of the norm of that sum whose output enters the first block (or None)."""
+    """{"pos_embed", "token_type", "embed_norm", "pos_after_norm"}: model paths of the modules whose
+    outputs are added to the token embedding, of the norm of that sum (or None), and whether the
+    positions are added after that norm (BlenderbotSmall) rather than before it (BERT, BART)."""
     from .structure import _same
 
     seen = {n: m for n, m in outside.items() if n in flow.outputs}
@@ -205,24 +207,28 @@ def _embedding_entry(model, flow, outside, x):
     token = next((n for n, m in seen.items() if m is embedding), None)
     if token is None:
         raise UnsupportedModelError(f"the token embedding of {type(model).__name__} is not run before its first block")
-    norm = next((n for n, m in seen.items() if not isinstance(m, nn.Embedding) and _same(flow.outputs[n], x)), None)
-    entered = flow.inputs[norm] if norm else x
-    width = x.shape[-1]  # noqa: F841
-    added = [n for n, m in seen.items() if isinstance(m, nn.Embedding) and n != token and flow.outputs[n].shape[-1] == width]
+    norms = [n for n, m in seen.items() if not isinstance(m, nn.Embedding)]
+    added = [n for n, m in seen.items() if isinstance(m, nn.Embedding) and n != token and flow.outputs[n].shape[-1] == x.shape[-1]]
     token_type = next((n for n in added if n.rpartition(".")[2] in TOKEN_TYPE), None)
     positions = [n for n in added if n != token_type]
     pos = positions[0] if len(positions) == 1 else None
-    parts = [flow.outputs[n] for n in (token_type, pos) if n]
-    total = flow.outputs[token]
-    for part in parts:
-        total = total + part
-    if len(positions) > 1 or not _same(entered, total):
-        raise UnsupportedModelError(
-            f"the first block of {type(model).__name__} does not read (a norm of) the token embedding + "
-            f"the other embeddings run before it ({', '.join(n[1:] for n in added) or 'none'})"
-        )
+    parts = [n for n in (token_type, pos) if n]
+
+    def add(total, names):
+        for name in names:
+            total = total + flow.outputs[name]
+        return total
+
     path = lambda n: n[1:] if n else None  # noqa: E731
-    return {"pos_embed": path(pos), "token_type": path(token_type), "embed_norm": path(norm)}
+    for norm in norms if len(norms) == 1 else [None]:  # no norm, or the one run before the first block
+        for cut in range(len(parts), -1, -1):  # the parts added before the norm, then after it
+            before = add(flow.outputs[token], parts[:cut])
+            if norm is None and _same(x, before) or norm and _same(flow.inputs[norm], before) and _same(x, add(flow.outputs[norm], parts[cut:])):
+                return {"pos_embed": path(pos), "token_type": path(token_type), "embed_norm": path(norm), "pos_after_norm": pos in parts[cut:]}
+    raise UnsupportedModelError(
+        f"the first block of {type(model).__name__} does not read (a norm of) the token embedding + "
+        f"the other embeddings run before it ({', '.join(n[1:] for n in added) or 'none'})"
+    )
 
 
 # ------------------------------------------------------------------------------------ install plan
@@ -262,13 +268,15 @@ def plan_block(plan, block, layer, layer_site, ln1, rel, norm_points):
 
 def check_entry(model, cache, same):
     """hook_embed (+ hook_token_type_embed) + hook_pos_embed, through the embedding norm where there is
-    one, is blocks.0.hook_resid_pre."""
+    one (the positions after it where the model adds them after), is blocks.0.hook_resid_pre."""
+    after = model._tlshim.spec.postln.pos_after_norm
     total = cache["hook_embed"]
     for name in ("hook_token_type_embed", "hook_pos_embed"):
-        total = total + cache[name] if name in cache else total
+        total = total + cache[name] if name in cache and not (after and name == "hook_pos_embed") else total
     norm = getattr(model.embed, "ln", None)
     with torch.no_grad():
         entered = norm(total) if norm is not None else total
+    entered = entered + cache["hook_pos_embed"] if after else entered
     check = "(embed + token types + positions, through embed.ln) equals blocks.0.hook_resid_pre"
     same("hook_embed", check, entered, cache["blocks.0.hook_resid_pre"])
 
