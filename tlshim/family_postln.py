@@ -44,8 +44,7 @@ class PostLn:
 
 
 def derive(model):
-    """The spec of a model whose blocks are post-LN, or None where the first block's output is not a norm's."""
-    from . import family_abs
+    """The spec of a model whose blocks are post-LN (or pre-LN in BERT's layout), else None."""
     from . import structure as s
 
     layers_path, layers = s._decoder_layers(model)
@@ -56,10 +55,21 @@ def derive(model):
         if not name.startswith(layers_path + ".") and (isinstance(m, nn.Embedding) or _is_norm(m, s))
     }
     flow = s._probe(model, layer, get_path(model, layers_path.rpartition(".")[0]), outside)
-    x = flow.inputs[""]
-    roles = _post_ln_roles(layer, flow, where, s) or _pre_ln_roles(layer, flow, s)
-    if roles is None:
-        return None
+    roles = _post_ln_roles(layer, flow, where, s)
+    if roles is not None:
+        return _spec(model, layers_path, layers, flow, outside, roles)
+    roles = _pre_ln_roles(layer, flow, s)
+    try:
+        return None if roles is None else _spec(model, layers_path, layers, flow, outside, roles)
+    except UnsupportedModelError:
+        return None  # a pre-LN block this family does not serve either: the pre-norm path's refusal stands
+
+
+def _spec(model, layers_path, layers, flow, outside, roles):
+    from . import family_abs
+    from . import structure as s
+
+    layer, x = layers[0], flow.inputs[""]
     ln1, ln2, o_path, up, down, post = roles
     attn_name, (q, k, v, o) = _attention(layer, o_path, model.config, f"{layers_path}.0", s)
     mlp_name = common_parent(up, down)
@@ -75,6 +85,8 @@ def derive(model):
         raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
     # the norm the head reads last: BERT's LM-head LayerNorm, also after a pre-LN encoder's final norm
     final = [n for n, m in model.named_modules() if _is_norm(m, s) and f"/{n}" not in flow.inputs and not n.startswith(layers_path + ".")]
+    if not (final or post):
+        raise UnsupportedModelError(f"no norm module after the pre-LN blocks of {type(model).__name__}")
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
@@ -129,12 +141,12 @@ def _post_ln_roles(layer, flow, where, s):
     ln2 = next((n for n in norms if s._same(flow.outputs[n], out)), None)
     if ln2 is None:
         return None
-    found = [(n, p) for n in norms if n != ln2 for p in linears if s._adds_up(flow.inputs[n], x, flow.outputs[p])]
+    found = [(n, p) for n in norms if n != ln2 for p in linears if _adds_up(flow.inputs[n], x, flow.outputs[p])]
     if not found:
         raise UnsupportedModelError(f"{where}: the block ends in a norm (post-LN), but no norm reads block input + an output projection")
     ln1, o_path = found[0]
     y1 = flow.outputs[ln1]
-    down = next((p for p in linears if s._adds_up(flow.inputs[ln2], y1, flow.outputs[p])), None)
+    down = next((p for p in linears if _adds_up(flow.inputs[ln2], y1, flow.outputs[p])), None)
     up = next((p for p in readers if s._same(flow.inputs[p], y1)), None)
     if down is None or up is None:
         raise UnsupportedModelError(f"{where}: post-LN, but ln2's input is not ln1's output + an MLP projection read from it")
@@ -148,14 +160,20 @@ def _pre_ln_roles(layer, flow, s):
     x, out = flow.inputs[""], first_output(flow.outputs[""])
     norms, linears, readers = _parts(layer, flow, s)
     ln1 = next((n for n in norms if s._same(flow.inputs[n], x)), None)
-    found = [(n, p) for n in norms if n != ln1 for p in linears if s._adds_up(flow.inputs[n], x, flow.outputs[p])]
+    found = [(n, p) for n in norms if n != ln1 for p in linears if _adds_up(flow.inputs[n], x, flow.outputs[p])]
     if ln1 is None or not found:
         return None
     ln2, o_path = found[0]
     mid = flow.inputs[ln2]
-    down = next((p for p in linears if s._adds_up(out, mid, flow.outputs[p])), None)
+    down = next((p for p in linears if _adds_up(out, mid, flow.outputs[p])), None)
     up = next((p for p in readers if s._same(flow.inputs[p], flow.outputs[ln2])), None)
     return None if down is None or up is None else (ln1, ln2, o_path, up, down, False)
+
+
+def _adds_up(total, a, b) -> bool:
+    from .structure import _same
+
+    return isinstance(b, torch.Tensor) and b.shape == a.shape and _same(total, a + b)
 
 
 def _parts(layer, flow, s):
@@ -216,6 +234,8 @@ def _embedding_entry(model, flow, outside, x):
 
     def add(total, names):
         for name in names:
+            if flow.outputs[name].shape[-2:] != total.shape[-2:]:
+                return None
             total = total + flow.outputs[name]
         return total
 
@@ -223,6 +243,8 @@ def _embedding_entry(model, flow, outside, x):
     for norm in norms if len(norms) == 1 else [None]:  # no norm, or the one run before the first block
         for cut in range(len(parts), -1, -1):  # the parts added before the norm, then after it
             before = add(flow.outputs[token], parts[:cut])
+            if before is None:
+                continue
             if norm is None and _same(x, before) or norm and _same(flow.inputs[norm], before) and _same(x, add(flow.outputs[norm], parts[cut:])):
                 return {"pos_embed": path(pos), "token_type": path(token_type), "embed_norm": path(norm), "pos_after_norm": pos in parts[cut:]}
     raise UnsupportedModelError(
