@@ -11,6 +11,10 @@ LayerNorm, after the head's dense + activation, which have no hook); where the h
 block's output directly (BART, OpenAI GPT) there is no ln_final hook and ``model.ln_final`` is the
 identity.
 
+Pre-LN blocks in BERT's layout (Megatron-BERT, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL: the residual
+adds inside the attention's output module and the block's output module) and pre-LN decoders with an
+embedding norm (mBART) are planned as any pre-norm block, with these embeddings and head.
+
 Every role is read off one probing forward of the first block (what each norm reads and what is added).
 """
 

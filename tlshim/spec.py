@@ -161,7 +161,8 @@ class ArchSpec:
     tl_config: object = llama_family_cfg
     #: the mixture-of-experts layout of the blocks that have one (family_moe.MoeSpec), else None
     moe: object = None
-    #: post-LN blocks (family_postln.PostLn: the attention kernel's module, token types, embedding norm), else None
+    #: BERT / BART-style layouts (family_postln.PostLn: post-LN or not, the attention kernel's module,
+    #: token types, embedding norm), else None
     postln: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)

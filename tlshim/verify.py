@@ -146,8 +146,8 @@ def _verify(model, input_ids):
         same(f"{b}.hook_attn_out", "= hook_z @ W_O + b_O (then the post-attention norm)", cache[f"{b}.hook_attn_out"], want, exact=False)
     _check_moe(model, cache, same, add)
     with torch.no_grad():
-        last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
-        final = family_postln.final_input(model, cache, cfg.n_layers) if own else model.ln_final(cache[last])
+        last = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+        final = family_postln.final_input(model, cache, cfg.n_layers) if own else model.ln_final(last)
         unembedded = F.linear(final, model.W_U.T, model.b_U)
     cap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
     unembedded = unembedded * cfg.logit_scale if cfg.logit_scale != 1.0 else unembedded
