@@ -38,7 +38,7 @@ def attention_by_hand(x, q_proj, k_proj, v_proj, n_heads, causal, z_edit):
 def bert_block(layer, x, n_heads, z_edit=lambda z: z, mid_edit=lambda m: m):
     """BertLayer by hand: mid = x + attn; ln1; MLP; ln2(ln1(mid) + mlp)."""
     sa, out = layer.attention.self, layer.attention.output
-    z = attention_by_hand(x, sa.query, sa.key, sa.value, n_heads, sa.is_causal, z_edit)
+    z = attention_by_hand(x, sa.query, sa.key, sa.value, n_heads, getattr(sa, "is_causal", False), z_edit)
     mid = mid_edit(x + out.dense(z))
     after = out.LayerNorm(mid)
     mlp = layer.output.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(after)))
