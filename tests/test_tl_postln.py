@@ -5,19 +5,14 @@ its names hold another of ours (PAIRS says which), and the test notices when the
 Runs in the `tl` tox env (transformer-lens 4.3.0 installed); skipped where transformer-lens is absent.
 """
 
-import warnings
-
 import pytest
 import torch
 
-import tlshim
+from tiny import tokens
 
-from test_tl_parity import word_tokenizer
-from tiny import build, tokens
+pytest.importorskip("transformer_lens.model_bridge", reason="transformer-lens is not installed (the `tl` tox env has it)")
 
-bridge_module = pytest.importorskip(
-    "transformer_lens.model_bridge", reason="transformer-lens is not installed (the `tl` tox env has it)"
-)
+from test_tl_abs import installed_and_bridge  # noqa: E402
 
 SAME = ("hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k",
         "blocks.0.attn.hook_v", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z", "blocks.0.mlp.hook_pre",
@@ -37,11 +32,7 @@ PAIRS = {
 @pytest.mark.filterwarnings("ignore:tlshim has no spec")
 @pytest.mark.parametrize("model_type", PAIRS)
 def test_the_names_hold_the_bridges_values(model_type, tmp_path, monkeypatch):
-    model = tlshim.install(build(model_type))
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # the bridge may pip-install torchvision while booting (TESTING.md)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = bridge_module.TransformerBridge.boot_transformers(model_type, hf_model=build(model_type), tokenizer=word_tokenizer(tmp_path), device="cpu")
+    model, bridge = installed_and_bridge(model_type, tmp_path, monkeypatch)
     with torch.no_grad():
         logits, ours = model.run_with_cache(tokens())
         their_logits, theirs = bridge.run_with_cache(tokens())
