@@ -319,8 +319,8 @@ def check_block(cache, b, block, same, last):
         same(f"{b}.hook_normalized_resid_post", "equals the next block's hook_resid_pre", out, cache[f"blocks.{i + 1}.hook_resid_pre"])
 
 
-def final_input(model, cache, n_layers):
-    """What ln_final's output is on the verifying forward: its normalized input through its weights,
+def unembed_input(model, cache, n_layers):
+    """What the unembedding reads on the verifying forward: ln_final's normalized input through its weights,
     or (no final norm) the last block's output."""
     if "ln_final.hook_normalized" not in cache:
         return cache[f"blocks.{n_layers - 1}.hook_normalized_resid_post"]

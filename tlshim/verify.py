@@ -147,7 +147,7 @@ def _verify(model, input_ids):
     _check_moe(model, cache, same, add)
     with torch.no_grad():
         last = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
-        final = family_postln.final_input(model, cache, cfg.n_layers) if own else model.ln_final(last)
+        final = family_postln.unembed_input(model, cache, cfg.n_layers) if own else model.ln_final(last)
         unembedded = F.linear(final, model.W_U.T, model.b_U)
     cap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
     unembedded = unembedded * cfg.logit_scale if cfg.logit_scale != 1.0 else unembedded
