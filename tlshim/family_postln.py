@@ -58,7 +58,10 @@ def derive(model):
         for name, m in model.named_modules()
         if not name.startswith(layers_path + ".") and (isinstance(m, nn.Embedding) or _is_norm(m, s))
     }
-    flow = s._probe(model, layer, get_path(model, layers_path.rpartition(".")[0]), outside)
+    try:
+        flow = s._probe(model, layer, get_path(model, layers_path.rpartition(".")[0]), outside)
+    except UnsupportedModelError:
+        return None  # a model that does not run: the pre-norm path's reason stands
     roles = _post_ln_roles(layer, flow, where, s)
     if roles is not None:
         return _spec(model, layers_path, layers, flow, outside, roles)
