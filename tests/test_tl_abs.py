@@ -28,14 +28,20 @@ NAMES = ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.0.at
          "blocks.0.hook_resid_mid", "blocks.0.mlp.hook_post", "blocks.1.hook_resid_post")
 
 
-@pytest.mark.filterwarnings("ignore:tlshim has no spec")
-@pytest.mark.parametrize("model_type", TYPES)
-def test_the_names_both_expose_hold_the_same_values(model_type, tmp_path, monkeypatch):
+def installed_and_bridge(model_type, tmp_path, monkeypatch):
+    """A tiny ``model_type`` installed, and the bridge booted on its twin."""
     model = tlshim.install(build(model_type))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # the bridge may pip-install torchvision while booting (TESTING.md)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = bridge_module.TransformerBridge.boot_transformers(model_type, hf_model=build(model_type), tokenizer=word_tokenizer(tmp_path), device="cpu")
+    return model, bridge
+
+
+@pytest.mark.filterwarnings("ignore:tlshim has no spec")
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_names_both_expose_hold_the_same_values(model_type, tmp_path, monkeypatch):
+    model, bridge = installed_and_bridge(model_type, tmp_path, monkeypatch)
     ids = tokens()
     with torch.no_grad():
         _, ours = model.run_with_cache(ids)

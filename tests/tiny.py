@@ -46,6 +46,9 @@ FIELDS = {
     "zamba2": {"layers_block_type": ["linear_attention", "linear_attention"]},
     "zamba": {"layers_block_type": ["linear_attention", "linear_attention"], "attention_hidden_size": 128, "mamba_dt_rank": 4},
     "dots1": {"n_shared_experts": 1},
+    # block-sparse attention falls back to (and rebuilds itself as) full attention at tiny lengths
+    "big_bird": {"attention_type": "original_full"},
+    "bigbird_pegasus": {"attention_type": "original_full"},
 }
 #: multimodal types whose text config is that of a text type, built tiny as that type
 TEXT_CONFIG = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}

@@ -44,10 +44,12 @@ class BatchSite(Site):
 
 class PosEmbedSite(Site):
     """The position embedding: hook_pos_embed as (batch, pos, d_model), as in TransformerLens, where the
-    module gives one row of positions for the whole batch (the sum broadcasts the same either way)."""
+    module gives one row (or a bare table) of positions for the whole batch (the sum broadcasts the same either way)."""
 
     def on_output(self, y):
         batch = _BATCH.get()
+        if batch is not None and y.dim() == 2:  # one (pos, d_model) table for the batch (Marian)
+            y = y[None]
         if batch is not None and y.dim() == 3 and y.shape[0] == 1 != batch:
             y = y.expand(batch, *y.shape[1:]).clone()
         return fire_points(self.out_points, y)
@@ -152,7 +154,7 @@ def embedding_entry(model, owner_path, flow):
         return {"embed_out": embed_out, "pos_embed": None}
     for name in children:
         added = flow.top_outputs[name]
-        if name not in chain and isinstance(added, torch.Tensor) and added.dim() == 3 and added.shape[1:] == x.shape[1:]:
+        if name not in chain and isinstance(added, torch.Tensor) and added.dim() in (2, 3) and added.shape[-2:] == x.shape[1:]:
             if _same(entered + added, x):
                 return {"embed_out": embed_out, "pos_embed": path(name)}
     return None

@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import weakref
 
-from . import attention_output, family_mixer, family_mla, family_moe, shared_norm
+import torch
+
+from . import attention_output, family_mixer, family_mla, family_moe, family_postln, shared_norm
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -114,18 +116,24 @@ def plan_install(model, spec) -> Plan:
         embed_site = plan.site(first_layer, LayerSite) if spec.embed_hook_on_first_layer else plan.site(spec.embed_out or spec.embed)
         embed_point = plan.point("hook_embed", model, "hook_embed", embed_site)
         (embed_site.in_points if spec.embed_hook_on_first_layer else embed_site.out_points).append((embed_point, None))
-        final_sites = (plan.site(spec.final_norm, NormSite, spec.norm, None),)
+        final_sites = (plan.site(spec.final_norm, NormSite, spec.norm, None),) if spec.final_norm else ()
     if spec.pos_embed:
         pos_site = plan.site(spec.pos_embed, PosEmbedSite)
-        batch_site = plan.site(spec.layers.rpartition(".")[0], BatchSite)
+        batch_site = plan.site(family_postln.common_parent(spec.layers, spec.pos_embed), BatchSite)
         pos_site.out_points.append((plan.point("hook_pos_embed", model, "hook_pos_embed", pos_site, batch_site), None))
+
+    if spec.postln:
+        family_postln.plan_embeddings(plan, _plan_norm)
 
     for i in range(len(layers)):
         _plan_layer(plan, i)
 
-    final = final_sites[0]
-    final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", *final_sites)
-    final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", *final_sites), None))
+    # no norm after the blocks (post-LN BART, OpenAI GPT): no ln_final hooks, model.ln_final the identity
+    final_module = final_sites[0].module if final_sites else torch.nn.Identity()
+    if final_sites:
+        final = final_sites[0]
+        final.scale_point = plan.point("ln_final.hook_scale", final.module, "hook_scale", *final_sites)
+        final.out_points.append((plan.point("ln_final.hook_normalized", final.module, "hook_normalized", *final_sites), None))
     if spec.unembed != spec.embed:  # the output projection's logits (before a soft-cap), TransformerBridge's hook_unembed
         unembed_site = plan.site(spec.unembed)
         unembed_site.locate = _WeakPath(model, spec.unembed)  # lm_head's parent is the model: no cycle through it
@@ -134,13 +142,14 @@ def plan_install(model, spec) -> Plan:
     plan.alias(model, "blocks", Blocks(layers, model), "model")
     plan.alias(model, "embed", plan.module(spec.embed), "model")
     plan.alias(model, "unembed", unembed_alias(model, plan.module(spec.unembed)), "model")
-    plan.alias(model, "ln_final", final.module, "model")
+    plan.alias(model, "ln_final", final_module, "model")
     if spec.unembed == spec.embed:
         plan.swap(plan.module(spec.embed), TiedEmbedWeights, "embed")
     else:
         plan.swap(plan.module(spec.embed), EmbedWeights, "embed")
         plan.swap(plan.module(spec.unembed), UnembedWeights, "unembed")
-    plan.swap(final.module, NormWeights, "ln_final")
+    if spec.final_norm:
+        plan.swap(final_module, NormWeights, "ln_final")
     return plan
 
 
@@ -180,7 +189,7 @@ def _plan_layer(plan: Plan, i: int):
             # a per-head norm already sees the heads axis; a whole-vector one (OLMo2) is split here
             site.out_points.append((point, (n_heads if role == "q" else n_kv) if spec.qk_norm_whole else None))
 
-    attn_site = plan.site(rel(spec.attn), spec.attn_site, spec.cache_kwargs)
+    attn_site = plan.site(rel(_join(spec.attn, spec.postln and spec.postln.kernel)), spec.attn_site, spec.cache_kwargs)
     attn_site.head_counts = (n_heads, n_kv)
     rot_site = plan.site(rel(f"{spec.attn}.{spec.rotary}"), RotarySite) if spec.rotary else attn_site
     for name in ("rot_q", "rot_k") if spec.rotary_hooks else ():
@@ -215,7 +224,8 @@ def plan_block_rest(plan: Plan, i: int, layer_site, ln1, aliases):
         site = plan.site(rel(spec.per_layer_out))
         site.out_points.append((plan.point(f"{block}.hook_per_layer_out", layer, "hook_per_layer_out", site), None))
         layer_site.tail = True
-    layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
+    if not family_postln.post_ln(spec):  # post-LN: resid_post is ln2's input (family_postln.plan_block)
+        layer_site.out_points.append((plan.point(f"{block}.hook_resid_post", layer, "hook_resid_post", layer_site), None))
 
     for name in ROWS_POINTS if spec.mlp_rows else ():  # they learn (batch, pos) from the layer's input
         plan.hook_dict[f"{block}.{name}"]._sites += (layer_site,)
@@ -241,6 +251,8 @@ def _plan_mlp(plan, base, block, layer_site, ln1, aliases):
     if spec.parallel:
         shared = spec.ln2 == spec.ln1
         aliases["ln2"] = (parallel.share_norm(plan, ln1, block) if shared else _plan_norm(plan, rel(spec.ln2), f"{block}.ln2")).module
+    elif family_postln.post_ln(spec):
+        aliases["ln2"] = family_postln.plan_block(plan, block, layer, layer_site, ln1, rel, _plan_norm).module
     else:
         # resid_mid fires at the pre-MLP norm's input, or at the MLP's own in a post-norm-only block
         if spec.ln2:

@@ -46,10 +46,13 @@ def with_first_input(args, kwargs, value):
 
 
 def first_output(out):
-    return out[0] if isinstance(out, tuple) else out
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def with_first_output(out, value):
+    """``out`` with ``value`` first; a list stays a list (OpenAI GPT's blocks return one)."""
+    if isinstance(out, list):
+        return [value, *out[1:]]
     return (value, *out[1:]) if isinstance(out, tuple) else value
 
 

@@ -114,7 +114,8 @@ class ArchSpec:
     rotary_hooks: bool = True
     #: whether the layer runs its MLP on (batch * pos, d) rows (OPT)
     mlp_rows: bool = False
-    final_norm: str = "model.norm"
+    #: None where the head reads the last block's output directly (post-LN BART, OpenAI GPT)
+    final_norm: str | None = "model.norm"
     unembed: str = "lm_head"
     attn: str = "self_attn"
     mlp: str = "mlp"
@@ -172,6 +173,9 @@ class ArchSpec:
     attn_output: object = None
     #: the multi-head latent attention layout (family_mla.MlaSpec), else None
     mla: object = None
+    #: BERT / BART-style layouts (family_postln.PostLn: post-LN or not, the attention kernel's module,
+    #: token types, embedding norm), else None
+    postln: object = None
     #: extra install steps of this architecture: fn(model, spec) -> list of journal records
     prepare: tuple = field(default_factory=tuple)
     #: the blocks whose sequence mixer is not attention (Mamba, linear attention, a convolution), as

@@ -22,7 +22,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import attention_output, family_abs, family_mixer, family_mla, family_moe, inline_attention, norms, shared_norm
+from . import attention_output, family_abs, family_mixer, family_mla, family_moe, family_postln, inline_attention, norms, shared_norm
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -44,6 +44,7 @@ PROJECTIONS = (
     ("q_proj", "k_proj", "v_proj", "dense"),
     ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj"),  # GPT-Neo's wrapper
     ("q_proj.linear", "k_proj.linear", "v_proj.linear", "o_proj.linear"),  # Moshi's wrapper
+    ("self.query", "self.key", "self.value", "output.dense"),  # BERT's self-attention and its output module
 )
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT, GPT-2's c_attn)
 #: (then those whose heads come in groups: family_parallel.GROUPED_QKV, GPT-NeoX's, BLOOM's, Falcon's)
@@ -75,7 +76,18 @@ class _ProbeDone(Exception):
 
 
 def derive_spec(model) -> ArchSpec:
-    """An ArchSpec for ``model`` read from its modules and one probing forward (see the module doc)."""
+    """An ArchSpec for ``model`` read from its modules and one probing forward (see the module doc);
+    where that does not fit, one of post-LN blocks (family_postln) if the model has them."""
+    try:
+        return _derive_pre_norm(model)
+    except UnsupportedModelError:
+        spec = family_postln.derive(model)
+        if spec is None:
+            raise
+        return spec
+
+
+def _derive_pre_norm(model) -> ArchSpec:
     layers_path, layers = _decoder_layers(model)
     mixers = family_mixer.mixer_layers(layers)
     if len(mixers) == len(layers):

@@ -50,6 +50,8 @@ class TLConfig(TLConfigFields):
     default_padding_side: str = "right"
     attn_only: bool = False
     parallel_attn_mlp: bool = False
+    #: post-LN blocks (BERT, BART): each norm follows its sub-layer's residual add (family_postln)
+    post_ln: bool = False
     use_attn_scale: bool = True
     #: multi-head latent attention (family_mla): q's and k's head width (d_head is v's) and the latent ranks
     d_head_qk: int | None = None

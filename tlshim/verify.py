@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import attention_output, family_mixer, family_mla
+from . import attention_output, family_mixer, family_mla, family_postln
 from .attention import sink_softmax
 from .spec import get_path
 from .tl_switches import all_switched_on
@@ -106,14 +106,17 @@ def _verify(model, input_ids):
         want = _shape(cfg, name, batch, pos)
         if want is not None:
             add(Finding(name, "shape", tuple(value.shape) == want, f"{tuple(value.shape)}, expected {want}"))
-    if "hook_pos_embed" in cache:  # absolute positions: added to the token embedding
+    own = model._tlshim.spec.postln is not None  # family_postln's embeddings and head
+    if own:
+        family_postln.check_entry(model, cache, same)
+    elif "hook_pos_embed" in cache:  # absolute positions: added to the token embedding
         entered = cache["hook_embed"] + cache["hook_pos_embed"]
         same("hook_pos_embed", "hook_embed + hook_pos_embed equals blocks.0.hook_resid_pre", entered, cache["blocks.0.hook_resid_pre"])
     else:
         same("hook_embed", "equals blocks.0.hook_resid_pre", cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
     for i in range(cfg.n_layers):
         b, block = f"blocks.{i}", model.blocks[i]
-        if i + 1 < cfg.n_layers:
+        if i + 1 < cfg.n_layers and not cfg.post_ln:
             same(f"{b}.hook_resid_post", "equals the next block's hook_resid_pre", cache[f"{b}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"])
         if model._tlshim.spec.mixer(i):
             family_mixer.check_block(cache, b, same)
@@ -122,6 +125,9 @@ def _verify(model, input_ids):
             _parallel_block(cfg, cache, b, same, add)
         else:
             same(f"{b}.hook_resid_mid", "= resid_pre + attn_out", cache[f"{b}.hook_resid_mid"], cache[f"{b}.hook_resid_pre"] + cache[f"{b}.hook_attn_out"])
+        if cfg.post_ln:
+            family_postln.check_block(cache, b, block, same, last=i + 1 == cfg.n_layers)
+        elif not cfg.parallel_attn_mlp:
             total, spec = cache[f"{b}.hook_resid_mid"] + cache[f"{b}.hook_mlp_out"], model._tlshim.spec
             if spec.per_layer_out:  # Gemma 4: a third sub-layer adds after the MLP
                 total = total + cache[f"{b}.hook_per_layer_out"]
@@ -151,7 +157,8 @@ def _verify(model, input_ids):
     if model._tlshim.spec.mla is not None:
         family_mla.check(model, cache, same)
     with torch.no_grad():
-        final = model.ln_final(cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
+        last = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+        final = family_postln.unembed_input(model, cache, cfg.n_layers) if own else model.ln_final(last)
         unembedded = F.linear(final, model.W_U.T, model.b_U)
     cap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
     unembedded = unembedded * cfg.logit_scale if cfg.logit_scale != 1.0 else unembedded
