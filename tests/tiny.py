@@ -42,9 +42,10 @@ FIELDS = {
     "gemma4_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
     "gemma4_unified_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB, "head_dim": 16, "global_head_dim": 16},
     "cohere_compass_text": {"rope_parameters": dict.fromkeys(("full_attention", "sliding_attention"), {"rope_type": "default", "rope_theta": 1e4})},
-    "jamba": {"use_mamba_kernels": False},  # transformers 4.x refuses to run without the CUDA kernels otherwise
-    "zamba2": {"layers_block_type": ["linear_attention", "linear_attention"]},
-    "zamba": {"layers_block_type": ["linear_attention", "linear_attention"], "attention_hidden_size": 128, "mamba_dt_rank": 4},
+    # transformers 4.x refuses to run Jamba without the CUDA kernels otherwise; hybrids keep an attention block
+    "jamba": {"use_mamba_kernels": False, "attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "zamba": {"attention_hidden_size": 128, "mamba_dt_rank": 4},
     "dots1": {"n_shared_experts": 1},
     # block-sparse attention falls back to (and rebuilds itself as) full attention at tiny lengths
     "big_bird": {"attention_type": "original_full"},
@@ -114,6 +115,13 @@ def _field(config, name, missing=None):
         return missing
 
 
+def _default_layer_types(config):
+    try:
+        return list(getattr(type(config)(), "layer_types", None) or ())
+    except Exception:
+        return []
+
+
 def _shrink(config):
     for name, value in SIZES.items():
         current = _field(config, name, missing=False)
@@ -127,14 +135,20 @@ def _shrink(config):
         if name.endswith("_token_id") and isinstance(value, int) and value >= VOCAB:
             setattr(config, name, VOCAB - 1)
     layer_types = getattr(config, "layer_types", None)
-    # (a per-layer table, Gemma 4's, was made for the layer types the config derived itself)
-    if isinstance(layer_types, list) and layer_types and not hasattr(config, "per_layer_config"):
-        kinds = list(dict.fromkeys(layer_types))
-        attention = [k for k in kinds if "attention" in str(k)]
+    if isinstance(layer_types, list) and layer_types:
+        # the kinds the full-size config mixes: a hybrid derives its layer types from the layer count, so
+        # two layers of it may be all linear attention (Qwen3-Next's full attention comes every 4th)
+        kinds = list(dict.fromkeys(_default_layer_types(config) or layer_types))
+        attention = [k for k in kinds if "attention" in str(k) and "linear" not in str(k)]  # (linear attention is a mixer)
         other = [k for k in kinds if k not in attention]
-        wanted = (other[:1] + attention[:1]) if other and attention else layer_types[:1] * 2
+        wanted = None
+        if other and attention:  # a hybrid: one block of each kind
+            wanted = other[:1] + attention[:1]
+        elif not hasattr(config, "per_layer_config"):  # (a per-layer table, Gemma 4's, was made for the layer types the config derived itself)
+            wanted = layer_types[:1] * 2
         try:
-            config.layer_types = wanted
+            if wanted:
+                config.layer_types = wanted
         except AttributeError:  # derived from another field (a read-only property)
             pass
     if vars(config).get("kv_lora_rank") and "num_key_value_heads" in vars(config):

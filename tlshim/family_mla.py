@@ -254,6 +254,8 @@ def check(model, cache, same):
     the latents, and the nope parts of hook_rot_q / hook_rot_k are hook_q's / hook_k's."""
     spec = model._tlshim.spec
     for i, block in enumerate(model.blocks):
+        if spec.mixer(i):  # a hybrid's mixer block (family_mixer) has no attention
+            continue
         b, attn, mla = f"blocks.{i}", block.attn, spec.mla
         latent = cache[f"{b}.attn.hook_q_latent"] if mla.q_a_norm else None
         with torch.no_grad():
