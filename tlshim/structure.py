@@ -266,15 +266,8 @@ def _structural_cfg(found, model):
 def _decoder_layers(model):
     """(path, ModuleList) of the decoder blocks: the longest ModuleList of one class under the model,
     not counting lists inside the items of another (a block's experts)."""
-    best, outer = None, []
-    for name, module in model.named_modules():
-        # (of modules with children: a list of projections, Gemma 3n's altup_projections, holds no blocks)
-        if isinstance(module, nn.ModuleList) and len(module) and module[0]._modules and (len({type(m) for m in module}) == 1 or family_mixer.hybrid_blocks(module)):
-            if any(name.startswith(f"{other}.") for other in outer):
-                continue
-            outer.append(name)
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
+    scope = _decoder_scope(model)
+    best = _longest_block_list(model, scope) or _longest_block_list(model, "")
     if best is None:
         raise UnsupportedModelError(f"no list of decoder layers (an nn.ModuleList of blocks) found in {type(model).__name__}")
     lists = {name: module for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)}
@@ -286,6 +279,29 @@ def _decoder_layers(model):
         why = "re-entered in a loop, so a block has no one blocks.{i} number" if max(calls) > 1 else "with other modules between them"
         raise UnsupportedModelError(f"{type(model).__name__} has its blocks in more than one stack, {why}: {runs}")
     return best
+
+
+def _longest_block_list(model, scope):
+    best, outer = None, []
+    for name, module in model.named_modules():
+        # (of modules with children: a list of projections, Gemma 3n's altup_projections, holds no blocks)
+        if isinstance(module, nn.ModuleList) and len(module) and module[0]._modules and (len({type(m) for m in module}) == 1 or family_mixer.hybrid_blocks(module)):
+            if any(name.startswith(f"{other}.") for other in outer) or not name.startswith(scope):
+                continue
+            outer.append(name)
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def _decoder_scope(model) -> str:
+    """The path (with its dot) of the module transformers' get_decoder() names, where it is not the model
+    itself: a multimodal model's language model, whose blocks count before a longer vision tower's."""
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # no decoder to name
+        return ""
+    return next((f"{name}." for name, module in model.named_modules() if module is decoder and name), "")
 
 
 def _calls_per_forward(model, modules) -> list:
