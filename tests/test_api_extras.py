@@ -74,3 +74,40 @@ def test_a_peft_wrapped_installed_model_called_with_text_follows_transformerlens
         assert torch.equal(adapted(text), expected)
         assert torch.equal(adapted(text, return_type="loss"), adapted.loss_fn(expected, ids))
         assert torch.equal(adapted.run_with_cache(text)[0], expected)
+
+
+def _bert_tokenizer(path):
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "down"]
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    return BertTokenizerFast.from_pretrained(path)
+
+
+def test_to_sentence_pair_tokens_marks_the_segments_and_they_reach_the_token_type_embedding(tmp_path):
+    tokenizer = _bert_tokenizer(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tlshim.install(tiny.build("bert"), tokenizer=tokenizer)
+    pair = model.to_sentence_pair_tokens("the cat", "sat down")
+    vocab = tokenizer.get_vocab()
+    want = [vocab[w] for w in ("[CLS]", "the", "cat", "[SEP]", "sat", "down", "[SEP]")]
+    assert pair["input_ids"].tolist() == [want]
+    assert pair["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1]]
+    assert pair["attention_mask"].tolist() == [[1] * 7]
+    _, cache = model.run_with_cache(**pair)
+    token_types = model.bert.embeddings.token_type_embeddings(pair["token_type_ids"])
+    assert torch.equal(cache["hook_token_type_embed"], token_types)
+    assert not torch.equal(token_types[0, 0], token_types[0, -1])  # the two segments differ
+
+
+def test_to_sentence_pair_tokens_names_a_tokenizer_without_segments(tmp_path):
+    from tokenizers import Tokenizer, models as word_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(word_models.WordLevel({f"t{i}": i for i in range(8)}, unk_token="t0"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="t0", pad_token="t0", model_input_names=["input_ids", "attention_mask"])
+    model = tlshim.install(tiny.build("llama"), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="no token_type_ids marking the second sentence.*segment-aware tokenizer"):
+        model.to_sentence_pair_tokens("t3 t4", "t5")

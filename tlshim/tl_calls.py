@@ -322,6 +322,20 @@ class TLCalls:
             raise TypeError(f"to_single_str_token takes an int token id, got {type(int_token).__name__}")
         return self.to_str_tokens(torch.tensor([int_token]))[0]
 
+    def to_sentence_pair_tokens(self, sentence_a, sentence_b, move_to_device=True, truncate=True):
+        """``input_ids``, ``token_type_ids`` and ``attention_mask`` of a sentence pair as the tokenizer joins
+        two segments (BERT: [CLS] a [SEP] b [SEP], segment ids 0 then 1), for ``model(**pair)``."""
+        tokenizer = self._tokenizer_or_raise()
+        n_ctx = self.cfg.n_ctx if truncate else None
+        encoded = tokenizer(sentence_a, sentence_b, return_tensors="pt", padding=True, truncation=truncate, max_length=n_ctx)
+        if "token_type_ids" not in encoded or not encoded["token_type_ids"].any():  # none, or all of segment 0
+            raise ValueError(
+                f"{type(tokenizer).__name__} gives no token_type_ids marking the second sentence, so it cannot mark two segments: "
+                "to_sentence_pair_tokens needs a segment-aware tokenizer (BERT's); use to_tokens for one text"
+            )
+        pair = {key: encoded[key] for key in ("input_ids", "token_type_ids", "attention_mask") if key in encoded}
+        return {key: value.to(self.cfg.device) for key, value in pair.items()} if move_to_device else pair
+
     def get_token_position(self, single_token, input, mode="first", prepend_bos=None, padding_side=None):
         """Position of ``single_token`` (a str of one token, or an id) in ``input`` (a str, or ids (pos) /
         (1, pos)); ``mode`` "first" or "last" occurrence."""
