@@ -30,3 +30,18 @@ def test_a_type_whose_config_derives_fields_builds_tiny_and_runs(model_type):
         logits = model(input_ids=tokens(), use_cache=False).logits
         assert torch.equal(logits, twin(input_ids=tokens(), use_cache=False).logits)
     assert logits.shape == (*tokens().shape, VOCAB)
+
+
+#: hybrids whose full-size config mixes mixer blocks and attention blocks, and the field naming each block's kind
+HYBRIDS = {"qwen3_next": "layer_types", "lfm2_moe": "layer_types", "jamba": "layers_block_type", "bamba": "layers_block_type"}
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRIDS))
+def test_a_hybrid_is_built_with_a_block_of_each_kind(model_type):
+    """Two layers of a hybrid as derived from the layer count can be all mixers (Qwen3-Next's attention comes
+    every 4th): the sweep would then verify a mixer-only model under the hybrid's name."""
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    kinds = list(getattr(tiny_config(model_type), HYBRIDS[model_type]))
+    softmax = [kind for kind in kinds if "attention" in kind and "linear" not in kind]  # full attention, by any name
+    assert len(kinds) == 2 and len(softmax) == 1, kinds
