@@ -85,7 +85,7 @@ def test_read_only_pattern_hook_keeps_greedy_tokens(arch, attn):
 def _real_positions_equal(record, cache, mask, exact, rel=2e-5):
     """Every name's recorded tensor equals the no-cache one at each real (unpadded) query position."""
     real = mask.bool()
-    assert set(record.keys()) == set(cache.keys())
+    assert set(record.keys()) == set(cache.keys()) - {"hook_unembed"}  # generate computes the last position's logits only
     for name in record.keys():
         got, want = record[name], cache[name]
         assert got.shape == want.shape, name
@@ -134,3 +134,16 @@ def test_record_generation_with_a_sliding_window_cache(arch):
     _real_positions_equal(record, cache, full_mask, exact=False)
     pattern = record["blocks.0.attn.hook_pattern"]
     assert torch.equal(pattern[:, :, -1, :-4], torch.zeros_like(pattern[:, :, -1, :-4]))  # outside the window
+
+
+def test_record_generation_leaves_out_the_logits_and_names_where_they_are():
+    """generate computes logits for the last position only: hook_unembed is not recorded by default, and
+    asking for it names generate's own output_logits."""
+    model = tlshim.install(fixture("llama"))
+    ids, mask = left_pad(prompts("llama", [10, 6]))
+    with tlshim.record_generation(model) as record:
+        greedy(model, ids, mask, new=2)
+    assert "hook_unembed" in model.hook_dict and "hook_unembed" not in record.names
+    with pytest.raises(ValueError, match="output_logits=True"):
+        with tlshim.record_generation(model, ["hook_unembed", "blocks.0.hook_resid_post"]):
+            pass

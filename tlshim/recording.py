@@ -92,7 +92,7 @@ def record_generation(model, names_filter=None, device=None):
     """Record the activations named by ``names_filter`` at every position ``generate`` runs.
 
     ``names_filter`` is a name, a list of names or a predicate, as in ``run_with_cache``; by default
-    every name but ``hook_result`` (the names ``run_with_cache`` keeps by default).
+    every name but ``hook_result`` (the names ``run_with_cache`` keeps by default) and ``hook_unembed``.
 
     For each name the record holds one tensor over the prompt and the generated tokens, as
     ``run_with_cache`` on the final sequence would give it (up to float rounding: the cached steps
@@ -109,6 +109,11 @@ def record_generation(model, names_filter=None, device=None):
     """
     model = hf_model(model)
     names = [point.name for point in model._points(default_filter if names_filter is None else names_filter)]
+    if "hook_unembed" in names:  # generate computes the logits of the last position only (logits_to_keep)
+        if names_filter is not None:
+            raise ValueError("record_generation cannot record hook_unembed: generate computes logits for the last "
+                             "position only; ask generate for them (output_logits=True, return_dict_in_generate=True)")
+        names.remove("hook_unembed")
     record = GenerationRecord(names)
 
     def save(tensor, hook):
