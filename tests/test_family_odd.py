@@ -5,27 +5,17 @@ cached runs bit-exact, and edits equal to the same edits made by hand."""
 
 import pytest
 import torch
-from transformers import CONFIG_MAPPING
 
 import tlshim
 from tlshim import sink_scaling
 from tlshim.attention import sink_softmax
 
+from test_family_post import installed, present
 from tiny import build, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:tlshim has no spec")
 
 
-def present(model_type):
-    if model_type not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}")
-
-
-def installed(model_type):
-    present(model_type)
-    model, twin = build(model_type), build(model_type)
-    tlshim.install(model)
-    return model, twin
 
 
 def native(twin, pre_hooks=()):
