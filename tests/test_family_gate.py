@@ -280,5 +280,7 @@ def test_head_results_computed_from_the_cache_are_what_o_proj_gets_per_head(mode
 )
 def test_the_install_warning_says_what_sits_before_o_proj(model_type, fields, words):
     _present(model_type)
+    model = build(model_type, **fields)
+    model.config.model_type = f"{model_type}_like"  # a type the sweep has not verified installs with the warning
     with pytest.warns(UserWarning, match=f"final norm model.norm; before o_proj / down_proj: {words}\\. "):
-        tlshim.install(build(model_type, **fields))
+        tlshim.install(model)
