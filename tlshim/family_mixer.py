@@ -17,14 +17,15 @@ from torch import nn
 
 from . import layout, structure
 from .errors import UnsupportedModelError
-from .sites import LayerSite
+from .family_postln import PostLn
+from .sites import LayerSite, NormSite, fire_points
 from .spec import ArchSpec, fused_gate_up_params, get_path, mlp_linear_params
 
 #: child names of a block's non-attention mixer, tried in order
 MIXERS = ("mixer", "mamba", "linear_attn", "conv", "temporal_block")
 #: parts (children or parameters) that make a module in an attention's place a linear-attention or
 #: recurrent mixer, not softmax attention (Kimi-Linear's and Bailing's delta attention under self_attn)
-LINEAR_ATTENTION = ("forget_gate", "conv1d", "A_log")
+LINEAR_ATTENTION = ("forget_gate", "conv1d", "A_log", "time_decay")
 #: child names of a mixer block's MLP beyond structure.MLP (RecurrentGemma's)
 MLPS = (*structure.MLP, "mlp_block")
 
@@ -80,6 +81,7 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
     owner_path = layers_path.rpartition(".")[0]
     flow = structure._probe(model, layer, get_path(model, owner_path), {})
     roles = block_roles(layer, flow, mixer, mlp_name, where)
+    entry_norm = roles.pop("entry", None)
     moe = gate = up = down = None
     d_mlp = 0
     if mlp_name:
@@ -87,7 +89,7 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
         moe = structure.family_moe.detect(mlps, model.config, structure._mlp_projections)
         gate, up, down, d_mlp = structure._dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     norm_kind = structure._norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
-    if roles["ln2"] and structure._norm_kind(getattr(layer, roles["ln2"]), flow, roles["ln2"]) is not norm_kind:
+    if any(structure._norm_kind(getattr(layer, n), flow, n) is not norm_kind for n in (roles["ln2"], entry_norm) if n):
         raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
     entry = structure.family_abs.embedding_entry(model, owner_path, flow) or {}
     if entry.get("pos_embed"):
@@ -139,6 +141,7 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
         tl_config=functools.partial(structure._structural_cfg, sizes),
         moe=moe,
         mixers=mixers,
+        postln=PostLn(post=False, embed_norm=f"{layers_path}.0.{entry_norm}") if entry_norm else None,
     )
 
 
@@ -156,13 +159,16 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
         return next((n for n in norms_seen if structure._same(flow.inputs[n], flow.outputs.get(name))), None)
 
     ln1, ln1_post = norm_feeding(mixer), norm_reading(mixer)
+    # a norm of the block input that the rest of the block reads as its residual stream (RWKV's first block)
+    entry = next((n for n in norms_seen if n != ln1 and ln1 and structure._same(flow.inputs[n], x) and structure._same(flow.outputs[n], flow.inputs[ln1])), None)
+    x = flow.outputs[entry] if entry else x
     if ln1 is None or not structure._same(flow.inputs[ln1], x):
         raise UnsupportedModelError(f"{where}: the mixer {mixer} does not read a norm of the block input (no pre-norm block)")
     after_mixer = x + flow.outputs[ln1_post or mixer]
     if not mlp_name:
         if not structure._same(flow.outputs[""], after_mixer):
             raise UnsupportedModelError(f"{where}: the residual stream is not block input + mixer output")
-        return {"ln1": ln1, "ln2": None, "ln1_post": ln1_post, "ln2_post": None}
+        return {"ln1": ln1, "ln2": None, "ln1_post": ln1_post, "ln2_post": None, **({"entry": entry} if entry else {})}
     ln2, ln2_post = norm_feeding(mlp_name), norm_reading(mlp_name)
     mlp_out = flow.outputs.get(ln2_post or mlp_name)
     if (
@@ -174,7 +180,7 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + mixer output, then + the output of the MLP read through its own norm"
         )
-    return {"ln1": ln1, "ln2": ln2, "ln1_post": ln1_post, "ln2_post": ln2_post}
+    return {"ln1": ln1, "ln2": ln2, "ln1_post": ln1_post, "ln2_post": ln2_post, **({"entry": entry} if entry else {})}
 
 
 def plan_layer(plan, i):
@@ -187,6 +193,14 @@ def plan_layer(plan, i):
         plan.spec = hybrid
 
 
+class EntryNormSite(NormSite):
+    """embed.ln inside the first block (RWKV's pre_ln): hook_scale / hook_normalized as any norm, then
+    blocks.0.hook_resid_pre on its output (after the weight), which the block adds to as its residual."""
+
+    def on_output(self, y):
+        return fire_points(self.after_points, super().on_output(y))  # (out_points holds hook_normalized)
+
+
 def mixer_out(spec, i) -> str:
     """The child of block i whose output is hook_mixer_out: what is added, after a post-norm (LFM3)."""
     return dict(spec.mixer_layout).get("ln1_post", spec.ln1_post) or spec.mixer(i)
@@ -197,7 +211,14 @@ def _plan_layer(plan, i):
     base, block, mixer = f"{spec.layers}.{i}", f"blocks.{i}", spec.mixer(i)
     layer_site = plan.site(base, LayerSite)
     layer = layer_site.module
-    layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
+    # the first block's own norm of the embedding (embed.ln, family_postln.plan_embeddings): resid_pre is its output
+    entry = spec.postln.embed_norm if spec.postln and spec.postln.embed_norm.startswith(f"{base}.") else None
+    if entry:
+        site = plan.sites[entry]  # the NormSite of embed.ln, planned before the blocks
+        site.__class__, site.after_points = EntryNormSite, []
+        site.after_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", site), None))
+    else:
+        layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
     ln1 = layout._plan_norm(plan, f"{base}.{spec.ln1}", f"{block}.ln1")
     mixer_site = plan.site(f"{base}.{mixer_out(spec, i)}")
     mixer_site.out_points.append((plan.point(f"{block}.hook_mixer_out", layer, "hook_mixer_out", mixer_site), None))
@@ -223,6 +244,8 @@ def mixer_layout(model, spec, layers, flow) -> tuple:
     if flow is None or i:
         flow = structure._probe(model, layers[i], get_path(model, spec.layers.rpartition(".")[0]), {})
     roles = block_roles(layers[i], flow, mixer, mlp_name, where)
+    if roles.get("entry"):
+        raise UnsupportedModelError(f"{where}: a norm of the embedding inside the first block of a hybrid is not served")
     kinds = {structure._norm_kind(getattr(layers[i], n), flow, n) for n in roles.values() if n}
     if mlp_name != (spec.mlp or None) or kinds != {spec.norm}:
         raise UnsupportedModelError(
