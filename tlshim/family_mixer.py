@@ -26,6 +26,10 @@ MIXERS = ("mixer", "mamba", "linear_attn", "conv", "temporal_block")
 #: parts (children or parameters) that make a module in an attention's place a linear-attention or
 #: recurrent mixer, not softmax attention (Kimi-Linear's and Bailing's delta attention under self_attn)
 LINEAR_ATTENTION = ("forget_gate", "conv1d", "A_log", "time_decay")
+#: config fields of a number N of blocks after which the model halves the residual stream in inference
+#: mode (RWKV's rescale_every; its output weights are divided to match), so that a block's input is not
+#: the previous block's output
+RESCALES = ("rescale_every",)
 #: child names of a mixer block's MLP beyond structure.MLP (RecurrentGemma's)
 MLPS = (*structure.MLP, "mlp_block")
 
@@ -77,6 +81,7 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
     """The spec of a model whose every block is a mixer block (Mamba, or a hybrid built without attention)."""
     layer, mixer = layers[0], mixers[0][1]
     where = f"{type(layer).__name__} at {layers_path}.0"
+    _refuse_rescaling(model.config, len(layers))
     mlp_name = _module_child(layer, MLPS)
     owner_path = layers_path.rpartition(".")[0]
     flow = structure._probe(model, layer, get_path(model, owner_path), {})
@@ -143,6 +148,18 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
         mixers=mixers,
         postln=PostLn(post=False, embed_norm=f"{layers_path}.0.{entry_norm}") if entry_norm else None,
     )
+
+
+def _refuse_rescaling(config, n_layers):
+    for name in RESCALES:
+        every = getattr(config, name, 0) or 0
+        if 0 < every < n_layers:
+            raise UnsupportedModelError(
+                f"{type(config).__name__}.{name} = {every}: in inference mode the model halves the residual stream "
+                f"after every {every} blocks, so blocks.{{i}}.hook_resid_post would not be the next block's hook_resid_pre; "
+                f"load it with {name}=0 (from_pretrained(path, {name}=0), before its first forward: the same model up to "
+                "float rounding and the norms' eps, which the halving scales) to install"
+            )
 
 
 def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
