@@ -1,11 +1,12 @@
 """State-space and hybrid models: blocks whose sequence mixer is not attention (Mamba, Mamba2, gated
-delta-net linear attention, LFM2's short convolution, RecurrentGemma's recurrent block).
+delta-net linear attention, LFM2's short convolution, RecurrentGemma's recurrent block, RWKV's time mix).
 
 A mixer block is norm -> mixer -> added to the residual, then (where the block has one) norm -> MLP ->
 added again; the probe checks exactly that sum. ``blocks.{i}.hook_mixer_out`` is what the mixer adds,
 where an attention block has its attention hooks; the residual-stream, norm and MLP hooks are the
 usual ones. Which blocks are mixers is read per block from its children (HF's hybrids put attention
-in some blocks only), never from the model type's name.
+in some blocks only), never from the model type's name. A norm of the first block's input that the
+rest of the block reads as its residual stream (RWKV's pre_ln) is the embedding norm embed.ln.
 """
 
 from __future__ import annotations
