@@ -166,7 +166,8 @@ def _refuse_rescaling(config, n_layers):
 def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
     """{"ln1", "ln2", "ln1_post", "ln2_post"}: the norms before the mixer and the MLP (ln2 None where the
     block has no MLP) and the post-norms after them where there are (LFM3), checked on the probe:
-    resid_post = resid_pre + mixer_out (+ mlp_out), each out after its post-norm."""
+    resid_post = resid_pre + mixer_out (+ mlp_out), each out after its post-norm; and "entry" where a norm
+    of the block input comes first, whose output is resid_pre (RWKV's pre_ln)."""
     norms_seen = [name for name, child in layer.named_children() if structure._looks_like_norm(child) and name in flow.inputs]
     x = flow.inputs[""]
 
@@ -178,15 +179,17 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
 
     ln1, ln1_post = norm_feeding(mixer), norm_reading(mixer)
     # a norm of the block input that the rest of the block reads as its residual stream (RWKV's first block)
-    entry = next((n for n in norms_seen if n != ln1 and ln1 and structure._same(flow.inputs[n], x) and structure._same(flow.outputs[n], flow.inputs[ln1])), None)
+    entries = (n for n in norms_seen if ln1 not in (None, n) and structure._same(flow.inputs[n], x))
+    entry = next((n for n in entries if structure._same(flow.outputs[n], flow.inputs[ln1])), None)
     x = flow.outputs[entry] if entry else x
+    found = {"entry": entry} if entry else {}
     if ln1 is None or not structure._same(flow.inputs[ln1], x):
         raise UnsupportedModelError(f"{where}: the mixer {mixer} does not read a norm of the block input (no pre-norm block)")
     after_mixer = x + flow.outputs[ln1_post or mixer]
     if not mlp_name:
         if not structure._same(flow.outputs[""], after_mixer):
             raise UnsupportedModelError(f"{where}: the residual stream is not block input + mixer output")
-        return {"ln1": ln1, "ln2": None, "ln1_post": ln1_post, "ln2_post": None, **({"entry": entry} if entry else {})}
+        return {"ln1": ln1, "ln2": None, "ln1_post": ln1_post, "ln2_post": None, **found}
     ln2, ln2_post = norm_feeding(mlp_name), norm_reading(mlp_name)
     mlp_out = flow.outputs.get(ln2_post or mlp_name)
     if (
@@ -198,7 +201,7 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + mixer output, then + the output of the MLP read through its own norm"
         )
-    return {"ln1": ln1, "ln2": ln2, "ln1_post": ln1_post, "ln2_post": ln2_post, **({"entry": entry} if entry else {})}
+    return {"ln1": ln1, "ln2": ln2, "ln1_post": ln1_post, "ln2_post": ln2_post, **found}
 
 
 def plan_layer(plan, i):
@@ -232,7 +235,7 @@ def _plan_layer(plan, i):
     # the first block's own norm of the embedding (embed.ln, family_postln.plan_embeddings): resid_pre is its output
     entry = spec.postln.embed_norm if spec.postln and spec.postln.embed_norm.startswith(f"{base}.") else None
     if entry:
-        site = plan.sites[entry]  # the NormSite of embed.ln, planned before the blocks
+        site = plan.sites[entry]  # embed.ln's NormSite, planned before the blocks: it fires resid_pre too
         site.__class__, site.after_points = EntryNormSite, []
         site.after_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", site), None))
     else:
