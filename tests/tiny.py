@@ -45,6 +45,8 @@ FIELDS = {
     # transformers 4.x refuses to run Jamba without the CUDA kernels otherwise; hybrids keep an attention block
     "jamba": {"use_mamba_kernels": False, "attn_layer_period": 2, "attn_layer_offset": 1},
     "bamba": {"attn_layer_indices": [1]},
+    # RWKV halves the residual stream every rescale_every blocks in eval mode (refused where that acts): off
+    "rwkv": {"rescale_every": 0},
     "zamba": {"attention_hidden_size": 128, "mamba_dt_rank": 4},
     "dots1": {"n_shared_experts": 1},
     # block-sparse attention falls back to (and rebuilds itself as) full attention at tiny lengths

@@ -1,11 +1,12 @@
 """State-space and hybrid models: blocks whose sequence mixer is not attention (Mamba, Mamba2, gated
-delta-net linear attention, LFM2's short convolution, RecurrentGemma's recurrent block).
+delta-net linear attention, LFM2's short convolution, RecurrentGemma's recurrent block, RWKV's time mix).
 
 A mixer block is norm -> mixer -> added to the residual, then (where the block has one) norm -> MLP ->
 added again; the probe checks exactly that sum. ``blocks.{i}.hook_mixer_out`` is what the mixer adds,
 where an attention block has its attention hooks; the residual-stream, norm and MLP hooks are the
 usual ones. Which blocks are mixers is read per block from its children (HF's hybrids put attention
-in some blocks only), never from the model type's name.
+in some blocks only), never from the model type's name. A norm of the first block's input that the
+rest of the block reads as its residual stream (RWKV's pre_ln) is the embedding norm embed.ln.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ from torch import nn
 
 from . import layout, structure
 from .errors import UnsupportedModelError
-from .sites import LayerSite
+from .family_postln import PostLn
+from .sites import LayerSite, NormSite, fire_points
 from .spec import ArchSpec, fused_gate_up_params, get_path, mlp_linear_params
 
 #: child names of a block's non-attention mixer, tried in order
 MIXERS = ("mixer", "mamba", "linear_attn", "conv", "temporal_block")
 #: parts (children or parameters) that make a module in an attention's place a linear-attention or
 #: recurrent mixer, not softmax attention (Kimi-Linear's and Bailing's delta attention under self_attn)
-LINEAR_ATTENTION = ("forget_gate", "conv1d", "A_log")
+LINEAR_ATTENTION = ("forget_gate", "conv1d", "A_log", "time_decay")
+#: config fields of a number N of blocks after which the model halves the residual stream in inference
+#: mode (RWKV's rescale_every; its output weights are divided to match), so that a block's input is not
+#: the previous block's output
+RESCALES = ("rescale_every",)
 #: child names of a mixer block's MLP beyond structure.MLP (RecurrentGemma's)
 MLPS = (*structure.MLP, "mlp_block")
 
@@ -76,10 +82,12 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
     """The spec of a model whose every block is a mixer block (Mamba, or a hybrid built without attention)."""
     layer, mixer = layers[0], mixers[0][1]
     where = f"{type(layer).__name__} at {layers_path}.0"
+    _refuse_rescaling(model.config, len(layers))
     mlp_name = _module_child(layer, MLPS)
     owner_path = layers_path.rpartition(".")[0]
     flow = structure._probe(model, layer, get_path(model, owner_path), {})
     roles = block_roles(layer, flow, mixer, mlp_name, where)
+    entry_norm = roles.pop("entry", None)
     moe = gate = up = down = None
     d_mlp = 0
     if mlp_name:
@@ -87,7 +95,7 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
         moe = structure.family_moe.detect(mlps, model.config, structure._mlp_projections)
         gate, up, down, d_mlp = structure._dense_mlp(layers, mlp_name, moe, layers_path, model.config)
     norm_kind = structure._norm_kind(getattr(layer, roles["ln1"]), flow, roles["ln1"])
-    if roles["ln2"] and structure._norm_kind(getattr(layer, roles["ln2"]), flow, roles["ln2"]) is not norm_kind:
+    if any(structure._norm_kind(getattr(layer, n), flow, n) is not norm_kind for n in (roles["ln2"], entry_norm) if n):
         raise UnsupportedModelError(f"the norms of {type(layer).__name__} are of different kinds")
     entry = structure.family_abs.embedding_entry(model, owner_path, flow) or {}
     if entry.get("pos_embed"):
@@ -139,13 +147,27 @@ def derive_spec(model, layers_path, layers, mixers) -> ArchSpec:
         tl_config=functools.partial(structure._structural_cfg, sizes),
         moe=moe,
         mixers=mixers,
+        postln=PostLn(post=False, embed_norm=f"{layers_path}.0.{entry_norm}") if entry_norm else None,
     )
+
+
+def _refuse_rescaling(config, n_layers):
+    for name in RESCALES:
+        every = getattr(config, name, 0) or 0
+        if 0 < every < n_layers:
+            raise UnsupportedModelError(
+                f"{type(config).__name__}.{name} = {every}: in inference mode the model halves the residual stream "
+                f"after every {every} blocks, so blocks.{{i}}.hook_resid_post would not be the next block's hook_resid_pre; "
+                f"load it with {name}=0 (from_pretrained(path, {name}=0), before its first forward: the same model up to "
+                "float rounding and the norms' eps, which the halving scales) to install"
+            )
 
 
 def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
     """{"ln1", "ln2", "ln1_post", "ln2_post"}: the norms before the mixer and the MLP (ln2 None where the
     block has no MLP) and the post-norms after them where there are (LFM3), checked on the probe:
-    resid_post = resid_pre + mixer_out (+ mlp_out), each out after its post-norm."""
+    resid_post = resid_pre + mixer_out (+ mlp_out), each out after its post-norm; and "entry" where a norm
+    of the block input comes first, whose output is resid_pre (RWKV's pre_ln)."""
     norms_seen = [name for name, child in layer.named_children() if structure._looks_like_norm(child) and name in flow.inputs]
     x = flow.inputs[""]
 
@@ -156,13 +178,18 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
         return next((n for n in norms_seen if structure._same(flow.inputs[n], flow.outputs.get(name))), None)
 
     ln1, ln1_post = norm_feeding(mixer), norm_reading(mixer)
+    # a norm of the block input that the rest of the block reads as its residual stream (RWKV's first block)
+    entries = (n for n in norms_seen if ln1 not in (None, n) and structure._same(flow.inputs[n], x))
+    entry = next((n for n in entries if structure._same(flow.outputs[n], flow.inputs[ln1])), None)
+    x = flow.outputs[entry] if entry else x
+    found = {"entry": entry} if entry else {}
     if ln1 is None or not structure._same(flow.inputs[ln1], x):
         raise UnsupportedModelError(f"{where}: the mixer {mixer} does not read a norm of the block input (no pre-norm block)")
     after_mixer = x + flow.outputs[ln1_post or mixer]
     if not mlp_name:
         if not structure._same(flow.outputs[""], after_mixer):
             raise UnsupportedModelError(f"{where}: the residual stream is not block input + mixer output")
-        return {"ln1": ln1, "ln2": None, "ln1_post": ln1_post, "ln2_post": None}
+        return {"ln1": ln1, "ln2": None, "ln1_post": ln1_post, "ln2_post": None, **found}
     ln2, ln2_post = norm_feeding(mlp_name), norm_reading(mlp_name)
     mlp_out = flow.outputs.get(ln2_post or mlp_name)
     if (
@@ -174,7 +201,7 @@ def block_roles(layer, flow, mixer, mlp_name, where) -> dict:
         raise UnsupportedModelError(
             f"{where}: the residual stream is not block input + mixer output, then + the output of the MLP read through its own norm"
         )
-    return {"ln1": ln1, "ln2": ln2, "ln1_post": ln1_post, "ln2_post": ln2_post}
+    return {"ln1": ln1, "ln2": ln2, "ln1_post": ln1_post, "ln2_post": ln2_post, **found}
 
 
 def plan_layer(plan, i):
@@ -187,6 +214,14 @@ def plan_layer(plan, i):
         plan.spec = hybrid
 
 
+class EntryNormSite(NormSite):
+    """embed.ln inside the first block (RWKV's pre_ln): hook_scale / hook_normalized as any norm, then
+    blocks.0.hook_resid_pre on its output (after the weight), which the block adds to as its residual."""
+
+    def on_output(self, y):
+        return fire_points(self.after_points, super().on_output(y))  # (out_points holds hook_normalized)
+
+
 def mixer_out(spec, i) -> str:
     """The child of block i whose output is hook_mixer_out: what is added, after a post-norm (LFM3)."""
     return dict(spec.mixer_layout).get("ln1_post", spec.ln1_post) or spec.mixer(i)
@@ -197,7 +232,14 @@ def _plan_layer(plan, i):
     base, block, mixer = f"{spec.layers}.{i}", f"blocks.{i}", spec.mixer(i)
     layer_site = plan.site(base, LayerSite)
     layer = layer_site.module
-    layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
+    # the first block's own norm of the embedding (embed.ln, family_postln.plan_embeddings): resid_pre is its output
+    entry = spec.postln.embed_norm if spec.postln and spec.postln.embed_norm.startswith(f"{base}.") else None
+    if entry:
+        site = plan.sites[entry]  # embed.ln's NormSite, planned before the blocks: it fires resid_pre too
+        site.__class__, site.after_points = EntryNormSite, []
+        site.after_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", site), None))
+    else:
+        layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
     ln1 = layout._plan_norm(plan, f"{base}.{spec.ln1}", f"{block}.ln1")
     mixer_site = plan.site(f"{base}.{mixer_out(spec, i)}")
     mixer_site.out_points.append((plan.point(f"{block}.hook_mixer_out", layer, "hook_mixer_out", mixer_site), None))
@@ -223,6 +265,8 @@ def mixer_layout(model, spec, layers, flow) -> tuple:
     if flow is None or i:
         flow = structure._probe(model, layers[i], get_path(model, spec.layers.rpartition(".")[0]), {})
     roles = block_roles(layers[i], flow, mixer, mlp_name, where)
+    if roles.get("entry"):
+        raise UnsupportedModelError(f"{where}: a norm of the embedding inside the first block of a hybrid is not served")
     kinds = {structure._norm_kind(getattr(layers[i], n), flow, n) for n in roles.values() if n}
     if mlp_name != (spec.mlp or None) or kinds != {spec.norm}:
         raise UnsupportedModelError(

@@ -53,7 +53,7 @@ FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("c_attn", "c_proj"),
 FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
+PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"), ("key", "value"))
 #: per-head (q, k) norms inside the attention module
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 #: a norm of the value heads inside the attention module (Gemma 4)
