@@ -30,6 +30,14 @@ def rotate(t, cos, sin):
     return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
 
 
+def rotary(model, x, kind):
+    """(cos, sin) of this layer kind: one module taking the kind (transformers 5), or one per kind (4.57)."""
+    positions = torch.arange(x.shape[1])[None]
+    if hasattr(model.model, "rotary_emb"):
+        return model.model.rotary_emb(x, positions, kind)
+    return (model.model.local_rotary_emb if kind == "sliding_attention" else model.model.global_rotary_emb)(x, positions)
+
+
 def block_by_hand(model, i, x, z_edit=None, mid_edit=None, pre_edit=None, post_edit=None):
     """ModernBertDecoderLayer i by hand: x + attn(attn_norm(x)), then + Wo(act(a) * g) with (a, g) = Wi(mlp_norm(mid))."""
     edit = lambda f, t: t if f is None else f(t)  # noqa: E731
@@ -37,7 +45,7 @@ def block_by_hand(model, i, x, z_edit=None, mid_edit=None, pre_edit=None, post_e
     at, h = layer.attn, layer.attn_norm(x)
     split = lambda t: t.view(*t.shape[:-1], model.cfg.n_heads, -1).transpose(1, 2)  # noqa: E731
     kind = model.config.layer_types[i]
-    cos, sin = model.model.rotary_emb(x, torch.arange(n)[None], kind)
+    cos, sin = rotary(model, x, kind)
     q, k, v = rotate(split(at.q_proj(h)), cos[:, None], sin[:, None]), rotate(split(at.k_proj(h)), cos[:, None], sin[:, None]), split(at.v_proj(h))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     query, key = torch.arange(n)[:, None], torch.arange(n)[None]
@@ -120,7 +128,7 @@ def test_sliding_layer_masks_as_the_model_does():
     outside it and a hook_z edit still equals the block by hand."""
     if TYPE not in CONFIG_MAPPING:
         pytest.skip(f"transformers {__import__('transformers').__version__} has no {TYPE}")
-    model = tlshim.install(build(TYPE, sliding_window=4))
+    model = tlshim.install(build(TYPE, sliding_window=4, layer_types=["full_attention", "sliding_attention"]))
     assert model.config.layer_types[1] == "sliding_attention" and model.model.layers[1].attn.sliding_window == 4
     assert tlshim.verify(model, tokens()).ok
     with torch.no_grad():
