@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 
-
 def identity_slots(layers) -> set:
     """Child names that are an nn.Identity in some block and a norm in another (ModernBERT's attn_norm)."""
     from .structure import _looks_like_norm
@@ -47,9 +46,12 @@ def embedding_norm(model, layers_path, flow):
     for name, module in model.named_modules():
         if name.startswith(layers_path + ".") or not _looks_like_norm(module) or module._modules:
             continue
-        with torch.no_grad():
-            if _same(module(embedding), x):
-                return name
+        try:
+            with torch.no_grad():
+                if _same(module(embedding), x):
+                    return name
+        except (RuntimeError, TypeError, ValueError):  # a norm of another width (a vision tower's)
+            continue
     return None
 
 
