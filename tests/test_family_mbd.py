@@ -65,7 +65,7 @@ def test_layout_names(model):
     assert not hasattr(model.blocks[0], "ln1") and model.blocks[1].ln1 is model.model.layers[1].attn_norm
     assert not [n for n in model.hook_dict if n.startswith("blocks.0.ln1.")] and "blocks.1.ln1.hook_scale" in model.hook_dict
     assert model.embed.ln is model.model.embeddings.norm and model.ln_final is model.lm_head.norm
-    assert cfg.gated_mlp and cfg.normalization_type == "LN" and not cfg.post_ln and cfg.positional_embedding_type == "rotary"
+    assert cfg.gated_mlp and cfg.post_embedding_ln and cfg.normalization_type == "LN" and not cfg.post_ln and cfg.positional_embedding_type == "rotary"
     assert tlshim.verify(model, tokens()).ok
 
 

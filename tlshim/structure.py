@@ -139,6 +139,8 @@ def _derive_pre_norm(model) -> ArchSpec:
     sizes = _sizes(model, len(layers), attn, d_mlp, get_path(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
+    if embed_norm:  # a norm of the embedding before the first block (identity_norm)
+        sizes["post_embedding_ln"] = True
     if moe is not None:
         sizes.update(num_experts=moe.n_experts, experts_per_token=moe.top_k)
     if mla is not None:
