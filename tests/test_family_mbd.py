@@ -153,3 +153,20 @@ def test_idle_logits_bit_exact_under_sdpa_and_uninstall():
         assert torch.equal(model(tokens(), use_cache=False).logits, want)
         tlshim.uninstall(model)
         assert not hasattr(model, "blocks") and torch.equal(model(tokens(), use_cache=False).logits, want)
+
+
+def test_process_weights_skips_folding_a_block_without_its_pre_norm():
+    """Block 0 reads the residual with no ln1: fold_ln and center_writing_weights do not apply (they
+    changed the log-probs by ~0.9 when they ran); what runs keeps them."""
+    if TYPE not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {TYPE}")
+    model = tlshim.install(build(TYPE))
+    with torch.no_grad():
+        want = model(tokens(), use_cache=False).logits.log_softmax(-1)
+    with pytest.warns(UserWarning, match="fold_ln .a block reads the residual stream with no pre-norm"):
+        model.process_weights()
+    assert model._tlshim.processed == {"center_unembed": True, "fold_value_biases": True}
+    with torch.no_grad():
+        assert torch.allclose(model(tokens(), use_cache=False).logits.log_softmax(-1), want, atol=1e-5)
+    with pytest.raises(ValueError, match="fold_ln=True cannot apply.*no pre-norm of its own"):
+        tlshim.install(build(TYPE)).process_weights(fold_ln=True)
