@@ -18,10 +18,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:tlshim has no spec")
 TYPE = "modernbert-decoder"
 
 
-@pytest.fixture(scope="module")
-def model():
+def _present():
     if TYPE not in CONFIG_MAPPING:
         pytest.skip(f"transformers {__import__('transformers').__version__} has no {TYPE}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    _present()
     return tlshim.install(build(TYPE))
 
 
@@ -126,8 +130,7 @@ def test_split_qkv_input_in_block_0_copies_the_residual(model):
 def test_sliding_layer_masks_as_the_model_does():
     """Block 1 is a sliding-window layer: with a window shorter than the prompt, hook_pattern is zero
     outside it and a hook_z edit still equals the block by hand."""
-    if TYPE not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no {TYPE}")
+    _present()
     model = tlshim.install(build(TYPE, sliding_window=4, layer_types=["full_attention", "sliding_attention"]))
     assert model.config.layer_types[1] == "sliding_attention" and model.model.layers[1].attn.sliding_window == 4
     assert tlshim.verify(model, tokens()).ok
@@ -144,8 +147,7 @@ def test_sliding_layer_masks_as_the_model_does():
 
 
 def test_idle_logits_bit_exact_under_sdpa_and_uninstall():
-    if TYPE not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no {TYPE}")
+    _present()
     plain = build(TYPE, attn_implementation="sdpa")
     with torch.no_grad():
         want = plain(tokens(), use_cache=False).logits
@@ -158,8 +160,7 @@ def test_idle_logits_bit_exact_under_sdpa_and_uninstall():
 def test_process_weights_skips_folding_a_block_without_its_pre_norm():
     """Block 0 reads the residual with no ln1: fold_ln and center_writing_weights do not apply (they
     changed the log-probs by ~0.9 when they ran); what runs keeps them."""
-    if TYPE not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no {TYPE}")
+    _present()
     model = tlshim.install(build(TYPE))
     with torch.no_grad():
         want = model(tokens(), use_cache=False).logits.log_softmax(-1)
