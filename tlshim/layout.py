@@ -10,7 +10,7 @@ import weakref
 
 import torch
 
-from . import attention_output, family_mixer, family_mla, family_moe, family_postln, shared_norm
+from . import attention_output, family_mixer, family_mla, family_moe, family_postln, identity_norm, shared_norm
 from . import family_parallel as parallel
 from .block_call import Blocks
 from .errors import UnsupportedModelError
@@ -169,8 +169,9 @@ def _plan_layer(plan: Plan, i: int):
     layer_site.in_points.append((plan.point(f"{block}.hook_resid_pre", layer, "hook_resid_pre", layer_site), None))
 
     aliases = {"attn": attn}
-    ln1 = _plan_norm(plan, rel(spec.ln1), f"{block}.ln1") if spec.ln1 else None
-    if ln1:
+    identity = spec.ln1 and identity_norm.is_identity(plan.module(rel(spec.ln1)))  # block 0 of ModernBERT: no ln1 hooks
+    ln1 = plan.site(rel(spec.ln1)) if identity else _plan_norm(plan, rel(spec.ln1), f"{block}.ln1") if spec.ln1 else None
+    if ln1 and not identity:
         aliases["ln1"] = ln1.module
 
     if spec.mla is not None:

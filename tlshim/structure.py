@@ -22,7 +22,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import attention_output, family_abs, family_mixer, family_mla, family_moe, family_postln, inline_attention, norms, shared_norm
+from . import attention_output, family_abs, family_mixer, family_mla, family_moe, family_postln, identity_norm, inline_attention, norms, shared_norm
 from . import family_parallel as parallel
 from .attention import AttnSite
 from .errors import UnsupportedModelError
@@ -45,12 +45,13 @@ PROJECTIONS = (
     ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj"),  # GPT-Neo's wrapper
     ("q_proj.linear", "k_proj.linear", "v_proj.linear", "o_proj.linear"),  # Moshi's wrapper
     ("self.query", "self.key", "self.value", "output.dense"),  # BERT's self-attention and its output module
+    ("q_proj", "k_proj", "v_proj", "Wo"),  # ModernBERT's decoder
 )
 #: (qkv, o) of a fused projection holding all q heads, then k heads, then v heads (Phi-3, MPT, GPT-2's c_attn)
 #: (then those whose heads come in groups: family_parallel.GROUPED_QKV, GPT-NeoX's, BLOOM's, Falcon's)
 FUSED_QKV = (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("c_attn", "c_proj"), *parallel.GROUPED_QKV)
 #: (gate_up, down) of a fused projection holding the gate half, then the up half (Phi-3, GLM-4)
-FUSED_GATE_UP = (("gate_up_proj", "down_proj"),)
+FUSED_GATE_UP = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
 #: (gate, up, down) of a gated MLP, then (up, down) of a plain one
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 PLAIN = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"), ("key", "value"))
@@ -92,7 +93,8 @@ def _derive_pre_norm(model) -> ArchSpec:
     mixers = family_mixer.mixer_layers(layers)
     if len(mixers) == len(layers):
         return family_mixer.derive_spec(model, layers_path, layers, mixers)
-    first = next(i for i in range(len(layers)) if i not in dict(mixers))  # the first attention block (hybrids)
+    # the first attention block (hybrids), past one with an Identity for its pre-norm (identity_norm)
+    first = identity_norm.probed_block(layers, [i for i in range(len(layers)) if i not in dict(mixers)])
     layer = layers[first]
     attn_name = _child(layer, ATTENTION, "attention module", layers_path)
     # an MLP whose projections are the layer's own children (OPT, XGLM, BioGPT) is the layer itself
@@ -112,6 +114,7 @@ def _derive_pre_norm(model) -> ArchSpec:
     _one_stream(flow, layer, layers_path)
     first_flow = _probe(model, layers[0], get_path(model, owner_path), {}) if first else flow
     entry = family_abs.embedding_entry(model, owner_path, first_flow) or {}
+    embed_norm = None if entry else identity_norm.embedding_norm(model, layers_path, first_flow)
     roles = _post_norm_roles(layer, flow, attn_name, mlp_name) or _norm_roles(layer, flow, attn_name, mlp_name, layers_path, (o, up, down))
     # own scores and softmax watched whole (family_abs) where positions are absolute or ALiBi is on in a
     # sequential block; a parallel block's attention (Falcon, ALiBi or not) is watched op by op (inline)
@@ -132,9 +135,12 @@ def _derive_pre_norm(model) -> ArchSpec:
     if unembed is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embedding module (get_output_embeddings() is None)")
     final_path = _final_norm(model, layers_path, norm_kind, entry.get("embed_out"), flow)
+    final_path = identity_norm.head_norm(model, layers_path, final_path) if embed_norm else final_path
     sizes = _sizes(model, len(layers), attn, d_mlp, get_path(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
+    if embed_norm:  # a norm of the embedding before the first block (identity_norm)
+        sizes["post_embedding_ln"] = True
     if moe is not None:
         sizes.update(num_experts=moe.n_experts, experts_per_token=moe.top_k)
     if mla is not None:
@@ -144,7 +150,7 @@ def _derive_pre_norm(model) -> ArchSpec:
         versions="",
         layers=layers_path,
         embed=embed_path,
-        embed_hook_on_first_layer=not entry and _embedding_scaled(first_flow),
+        embed_hook_on_first_layer=not entry and not embed_norm and _embedding_scaled(first_flow),
         embed_out=entry.get("embed_out"),
         pos_embed=entry.get("pos_embed"),
         rotary_hooks=attn_site is not family_abs.SoftmaxAttnSite and not entry.get("pos_embed"),
@@ -187,6 +193,7 @@ def _derive_pre_norm(model) -> ArchSpec:
         attn_output=between,
         mla=mla,
         mixers=mixers,
+        postln=family_postln.PostLn(post=False, embed_norm=embed_norm) if embed_norm else None,
     )
     if mixers:
         spec = dataclasses.replace(spec, mixer_layout=family_mixer.mixer_layout(model, spec, layers, first_flow if first else None))
