@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import tlshim
 
@@ -170,3 +171,27 @@ def test_a_processed_model_saved_and_loaded_keeps_its_weights_and_still_uninstal
     tlshim.uninstall(copy)
     restored = copy.state_dict()
     assert sorted(restored) == sorted(original) and all(torch.equal(restored[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("arch", ["bert", "bart", "megatron-bert"])
+def test_post_ln_blocks_are_not_folded_and_the_rest_keeps_the_log_probs(arch):
+    """A post-LN block's norms read what the sub-layer wrote: folding them into W_Q etc. would change the
+    output (BERT's log-probs by ~7). The default skips it with a warning; asking for it raises.
+    Megatron-BERT's pre-LN blocks fold as usual."""
+    if arch not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {arch}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, twin, ids = tlshim.install(tiny.build(arch)), tiny.build(arch), tiny.tokens()
+    post = model.cfg.post_ln
+    assert post == (arch != "megatron-bert")
+    if post:
+        with pytest.raises(ValueError, match="post-LN"):
+            model.process_weights(fold_ln=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.process_weights()
+    assert any("fold_ln (its blocks are post-LN" in str(w.message) for w in caught) == post
+    with torch.no_grad():
+        got, want = (torch.log_softmax(m(input_ids=ids).logits, -1) for m in (model, twin))
+    assert (got - want).abs().max() < 5e-5

@@ -93,6 +93,8 @@ def _blocker(model, option) -> str | None:
         return "its q/k/v weights are interleaved per head in one projection, which tlshim reads as a copy"
     if option in ("fold_ln", "center_writing_weights") and spec.ln1 and any(getattr(block, "ln1", None) is None for block in model.blocks):
         return "a block reads the residual stream with no pre-norm of its own (ModernBERT's block 0: identity_norm)"
+    if option in ("fold_ln", "center_writing_weights") and getattr(cfg, "post_ln", False):
+        return "its blocks are post-LN (BERT, BART): each norm reads a sum the sub-layer wrote, not the block's input"
     if option == "fold_ln" and (spec.ln1 is None or spec.ln2 is None):
         return "its blocks have no pre-norms (post-norm only): nothing reads a norm's output linearly"
     if option == "center_writing_weights":
