@@ -115,7 +115,8 @@ def _failures(model, twin, ids, native):
         name = "blocks.0.hook_mixer_out" if name not in model.hook_dict and spec.mixer(0) else name
         steered = model.run_with_hooks(ids, fwd_hooks=[(name, lambda x, hook: x + vector)], use_cache=False)
         attn_out = get_path(twin, f"{spec.layers}.0.{mixer_out(spec, 0) if spec.mixer(0) else spec.attn_out}")
-        handle = attn_out.register_forward_hook(lambda m, args, out: _add_to_first(out, vector))
+        factor = getattr(get_path(twin, f"{spec.layers}.0"), spec.residual_multiplier) if spec.residual_multiplier else 1.0
+        handle = attn_out.register_forward_hook(lambda m, args, out: _add_to_first(out, vector / factor))  # the block multiplies it (Granite)
         try:
             by_hand = twin(input_ids=ids, use_cache=False).logits
         finally:

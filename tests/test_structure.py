@@ -54,6 +54,8 @@ def test_structural_hooks_equal_a_llama_specs_on_the_same_weights():
 
 def test_the_probe_refuses_a_residual_that_is_not_a_plain_sum():
     model = build("granite", residual_multiplier=0.5)  # attention and MLP outputs scaled before the sum
+    for layer in model.model.layers:  # by a factor that is no float attribute of the block (one is: Granite's)
+        layer.residual_multiplier = torch.tensor(0.5)
     with pytest.raises(tlshim.UnsupportedModelError, match="residual stream is not block input \\+ attention output"):
         tlshim.install(model)
     assert not tlshim.is_installed(model)

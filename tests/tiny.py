@@ -33,6 +33,9 @@ SIZES = {
 }
 #: size fields a config may hold as None where its model needs a number
 FILL_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts")
+#: scalar factors a config leaves at 1.0, where a hook that forgot them would still pass: set to real
+#: checkpoints' kind of values (Granite 3's)
+MULTIPLIERS = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125, "logits_scaling": 8.0}
 #: config fields a type needs to run as a causal LM at all
 FIELDS = {
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},
@@ -132,6 +135,9 @@ def _shrink(config):
                 setattr(config, name, value)
             except Exception:
                 pass
+    for name, value in MULTIPLIERS.items():
+        if vars(config).get(name) == 1.0:
+            setattr(config, name, value)
     for name in list(vars(config)):
         value = vars(config).get(name)
         if name.endswith("_token_id") and isinstance(value, int) and value >= VOCAB:

@@ -207,6 +207,8 @@ def _plan_layer(plan: Plan, i: int):
     o_site.result_point = plan.point(f"{block}.attn.hook_result", attn, "hook_result", o_site)
 
     attn_out_site = plan.site(rel(spec.attn_out))
+    if spec.residual_multiplier:  # hook_attn_out is what is added: the output times the block's multiplier
+        attn_out_site.factor = getattr(layer, spec.residual_multiplier)
     attn_out_site.out_points.append((plan.point(f"{block}.hook_attn_out", layer, "hook_attn_out", attn_out_site), None))
     plan.swap(attn, AttnWeights, f"{block}.attn")
     plan_block_rest(plan, i, layer_site, ln1, aliases)
@@ -249,6 +251,8 @@ def _plan_mlp(plan, base, block, layer_site, ln1, aliases):
     if moe:
         family_moe.plan_block(plan, spec.moe, base, block, spec.mlp, layer_site)
     mlp_out_site = plan.site(rel(spec.mlp_out), parallel.CopyOutSite if spec.parallel else MlpOutSite, layer_site)
+    if spec.residual_multiplier:  # hook_mlp_out is what is added (Granite)
+        mlp_out_site.factor = getattr(layer, spec.residual_multiplier)
     if spec.parallel:
         shared = spec.ln2 == spec.ln1
         aliases["ln2"] = (parallel.share_norm(plan, ln1, block) if shared else _plan_norm(plan, rel(spec.ln2), f"{block}.ln2")).module

@@ -78,6 +78,10 @@ class Site:
     #: checkpoint functions replay this thread's hooks when a checkpointed layer is recomputed (checkpointing.py)
     checkpoint_owners = ()
 
+    #: a float the block multiplies this module's output by before adding it (Granite's residual_multiplier):
+    #: the out points fire on that product, what is added (fire_scaled); None: on the output itself
+    factor = None
+
     #: re-finds the module by path at each first acquire (set by the planner), so a module that
     #: peft swapped in (a LoRA layer around the original) is the one wrapped and its output is seen
     locate = None
@@ -162,6 +166,8 @@ class Site:
         return fire_points(self.in_points, x)
 
     def on_output(self, y):
+        if self.factor is not None:  # a sub-layer the block adds times a float: its points see the product
+            return fire_scaled(self.out_points, y, self.factor)[0]
         return fire_points(self.out_points, y)
 
     def call(self, wrapped, args, kwargs):
@@ -260,6 +266,14 @@ class LayerSite(Site):
         return _LAYER_CALLS.get().get(self)
 
 
+def fire_scaled(points, y, factor):
+    """Fire the points on what is added, ``y * factor`` (the model's own product, so bit for bit); an edit
+    goes back divided by the factor, for the model to multiply again (exact up to one rounding)."""
+    added = y * factor
+    fired = fire_points(points, added)
+    return (y if fired is added else fired / factor), fired
+
+
 class MlpOutSite(Site):
     """The module whose output is hook_mlp_out; hands that value to the layer for a resid_mid edit."""
 
@@ -268,12 +282,15 @@ class MlpOutSite(Site):
         self.layer_site = layer_site
 
     def on_output(self, y):
-        y = fire_points(self.out_points, y)
+        if self.factor is None:
+            y = added = fire_points(self.out_points, y)
+        else:
+            y, added = fire_scaled(self.out_points, y, self.factor)
         call = self.layer_site.current_call()
         if call is not None and call.mid is not None:
             if self.layer_site.tail:  # the model adds y to the unedited resid_mid: carry the edit in y
                 return y + (call.mid - call.before)
-            call.mlp_out = y
+            call.mlp_out = added
         return y
 
 

@@ -140,6 +140,9 @@ class ArchSpec:
     v_norm: str | None = None
     #: a one-element tensor of the decoder layer its output is multiplied by (Gemma 4's layer_scalar)
     layer_scalar: str | None = None
+    #: the name of a float attribute of each block that what a sub-layer adds is its output times (Granite's
+    #: residual_multiplier): hook_attn_out / hook_mlp_out are after it, else None
+    residual_multiplier: str | None = None
     #: the module (relative to the layer) whose output a sub-layer after the MLP adds (Gemma 4's per-layer input)
     per_layer_out: str | None = None
     gate_proj: str | None = "gate_proj"

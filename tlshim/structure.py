@@ -175,6 +175,7 @@ def _derive_pre_norm(model) -> ArchSpec:
         qk_norm_after_rotary=q != k and _qk_norm_after_rotary(flow, f"{attn_name}.{q}"),
         v_norm=_v_norm(attn, flow, f"{attn_name}.{v}", attn_name),
         layer_scalar=roles.get("layer_scalar"),
+        residual_multiplier=roles.get("residual_multiplier"),
         per_layer_out=roles.get("per_layer_out"),
         qk_norm_site=HeadsFirstSite if _qk_norm_heads_first(flow, sizes["n_heads"]) else Site,
         gate_proj=gate,
@@ -261,7 +262,7 @@ def _structural_cfg(found, model):
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
-        logit_scale=getattr(config, "logit_scale", None) or 1.0,
+        logit_scale=getattr(config, "logit_scale", None) or 1 / (getattr(config, "logits_scaling", None) or 1.0),  # Granite divides
         attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
         output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None) or -1.0,
     )
@@ -660,6 +661,10 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
         raise UnsupportedModelError(f"{where}: a post-norm after only one of attention and MLP")
     attn_out = flow.outputs[roles["ln1_post"] or attn_name]
     mlp_out = rows(flow.outputs[roles["ln2_post"] or mlp_name])
+    roles["residual_multiplier"] = _residual_multiplier(layer, mid, x, attn_out)
+    if roles["residual_multiplier"]:  # Granite: what each sub-layer adds is its output times this float
+        factor = getattr(layer, roles["residual_multiplier"])
+        attn_out, mlp_out = attn_out * factor, mlp_out * factor
     total = mid + mlp_out
     roles["per_layer_out"] = _third_sub_layer(layer, flow, total)
     if roles["per_layer_out"]:
@@ -671,6 +676,14 @@ def _norm_roles(layer, flow, attn_name, mlp_name, layers_path, projections):
             "(a multiplier or another sum order)"
         )
     return roles
+
+
+def _residual_multiplier(layer, mid, x, attn_out):
+    """The name of a float attribute of the layer that the attention output is multiplied by before it is
+    added (Granite's residual_multiplier), where the sum is not the plain one; else None."""
+    if _same(mid, x + attn_out):
+        return None
+    return next((name for name, value in vars(layer).items() if type(value) is float and _same(mid, x + attn_out * value)), None)
 
 
 def _third_sub_layer(layer, flow, total):

@@ -152,7 +152,9 @@ def _verify(model, input_ids):
         post = getattr(block, "ln1_post", None)
         with torch.no_grad():
             want = post(o_out) if post is not None else o_out
-        same(f"{b}.hook_attn_out", "= hook_z (gated, sub-normed) @ W_O + b_O (then the post-attention norm)", cache[f"{b}.hook_attn_out"], want, exact=False)
+        multiplier = model._tlshim.spec.residual_multiplier  # Granite: what is added is the output times it
+        want = want * getattr(get_path(model, f"{model._tlshim.spec.layers}.{i}"), multiplier) if multiplier else want
+        same(f"{b}.hook_attn_out", "= hook_z (gated, sub-normed) @ W_O + b_O (then the post-attention norm, the residual multiplier)", cache[f"{b}.hook_attn_out"], want, exact=False)
     _check_moe(model, cache, same, add)
     if model._tlshim.spec.mla is not None:
         family_mla.check(model, cache, same)
