@@ -75,3 +75,13 @@ def test_an_edit_of_what_is_added_equals_the_edit_by_hand(name, module):
         handle.remove()
     assert not torch.allclose(by_hand, model(input_ids=ids).logits)  # the edit changes the output
     torch.testing.assert_close(edited, by_hand, rtol=1e-5, atol=1e-5 * by_hand.abs().max().item())
+
+
+def test_the_logit_scale_is_measured_not_read_one_way_from_the_config():
+    """Granite divides its logits by logits_scaling, HyperCLOVA X multiplies by the same field."""
+    for model_type, want in (("granite", 1 / MULTIPLIERS["logits_scaling"]), ("hyperclovax", MULTIPLIERS["logits_scaling"])):
+        if model_type not in CONFIG_MAPPING:
+            continue
+        model = tlshim.install(build(model_type))
+        assert model.cfg.logit_scale == pytest.approx(want)
+        assert tlshim.verify(model, tokens()).ok

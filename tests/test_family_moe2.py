@@ -113,6 +113,8 @@ def _by_hand(model, i, block, x, weights, indices):
         out = (out + shared(flat)) / 2 if getattr(block, "shared_expert_combination_strategy", "sum") == "average" else out + shared(flat)
     out = out.reshape(x.shape)
     spec = model._tlshim.spec
+    if spec.residual_multiplier:  # GraniteMoE: what the block adds is the output times its multiplier
+        out = out * getattr(get_path(model, f"{spec.layers}.{i}"), spec.residual_multiplier)
     return get_path(model, f"{spec.layers}.{i}.{spec.ln2_post}")(out) if spec.ln2_post else out
 
 

@@ -139,6 +139,7 @@ def _derive_pre_norm(model) -> ArchSpec:
     sizes = _sizes(model, len(layers), attn, d_mlp, get_path(layer, first_norm), norm_kind)
     sizes["gated_mlp"] = gate is not None
     sizes["parallel_attn_mlp"] = roles.get("parallel", False)
+    sizes["logit_scale"] = _logit_scale(model, layers_path)
     if embed_norm:  # a norm of the embedding before the first block (identity_norm)
         sizes["post_embedding_ln"] = True
     if moe is not None:
@@ -262,10 +263,49 @@ def _structural_cfg(found, model):
         rotary_base=rope.get("rope_theta", getattr(config, "rope_theta", None)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         window_size=getattr(config, "sliding_window", None),
-        logit_scale=getattr(config, "logit_scale", None) or 1 / (getattr(config, "logits_scaling", None) or 1.0),  # Granite divides
+        logit_scale=found.get("logit_scale") or getattr(config, "logit_scale", None) or 1.0,
         attn_scores_soft_cap=getattr(config, "attn_logit_softcapping", None) or -1.0,
         output_logits_soft_cap=getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None) or -1.0,
     )
+
+
+class _BlocksOutput(dict):
+    """A stand-in for the decoder's output: its last hidden state; any other field (router logits) None."""
+
+    def __getattr__(self, name):
+        return self.get(name)
+
+    def __getitem__(self, key):
+        return list(self.values())[key] if isinstance(key, int) else dict.__getitem__(self, key)
+
+
+def _logit_scale(model, layers_path):
+    """The factor the model's head multiplies the unembedding's output by (Cohere's logit_scale; Granite
+    divides by logits_scaling, HyperCLOVA X multiplies by the same field): measured by running the head
+    on a stand-in for the blocks' output, since configs name it alike and use it oppositely. None where
+    the head is no pure scale (a soft-cap) or cannot run so."""
+    owner = get_path(model, layers_path.rpartition(".")[0])
+    unembed = model.get_output_embeddings()
+    weight = getattr(unembed, "weight", None)
+    if owner is model or weight is None or weight.is_meta:
+        return None
+    hidden = torch.randn(1, 2, weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(weight)
+    saved = owner.__dict__.get("forward")  # accelerate keeps its own forward on the instance
+    owner.forward = lambda *args, **kwargs: _BlocksOutput(last_hidden_state=hidden)
+    try:
+        with torch.no_grad():
+            logits, plain = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=weight.device), use_cache=False).logits, unembed(hidden)
+    except Exception:  # a head this stand-in cannot drive: the config's logit_scale, if any, stands
+        return None
+    finally:
+        if saved is None:
+            del owner.forward
+        else:
+            owner.forward = saved
+    if logits.shape != plain.shape:
+        return None
+    factor = float((logits * plain).sum() / (plain * plain).sum())
+    return factor if torch.allclose(logits, plain * factor, rtol=1e-4, atol=1e-6) and abs(factor - 1.0) > 1e-6 else None
 
 
 # ------------------------------------------------------------------------------------ structure
